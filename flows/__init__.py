@@ -1,0 +1,1 @@
+"""Prefect flows: compress.py is the six-stage DAG."""

@@ -1,0 +1,61 @@
+"""The six-stage compression DAG: calibrate -> saliency -> compress (one task per block) -> pack ->
+evaluate -> publish. Every task is cached on its inputs, so a run that crashed resumes where it stopped.
+"""
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel, Field
+
+from squeezeflow import pipeline
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.settings import store_uri as default_store_uri
+from squeezeflow.tasks.calibrate import calibrate
+from squeezeflow.tasks.compress import compress_block
+from squeezeflow.tasks.evaluate import evaluate
+from squeezeflow.tasks.pack import pack
+from squeezeflow.tasks.publish import assemble, publish
+from squeezeflow.tasks.saliency import saliency
+
+
+class Destinations(BaseModel):
+    """Where results go. Empty = the defaults (local store in the cache, embedded S3 registry)."""
+
+    store: str = Field("", description="Artifact store: local directory or s3://bucket/prefix")
+    registry: str = Field("", description="Registry: s3://bucket/prefix; empty = embedded SeaweedFS")
+    publish: bool = True
+
+
+@flow(name="compress", log_prints=True, persist_result=False)
+def compress_flow(
+    model: ModelRef = ModelRef(),
+    recipe: str = "rtn-w4g64",
+    calibration: CalibrationSpec = CalibrationSpec(),
+    evaluation: EvalSpec = EvalSpec(),
+    destinations: Destinations = Destinations(),
+) -> dict:
+    """Compress `model` with `recipe` (a preset such as rtn-w4g64 / rtn-w3g64, or a recipe YAML path)."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    plan = pipeline.preflight(model, recipe, calibration, evaluation)
+    store = destinations.store or default_store_uri()
+    registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
+    m = plan.model
+    logger.info("compressing %s (%s) with %s", m.name, m.fingerprint[:12], plan.recipe.name)
+
+    calib = calibrate(store, m, plan.calibration)
+    stats = saliency(store, m, calib, plan.statistics)
+    futures = [compress_block.submit(store, m, i, plan.recipe, stats) for i in range(m.num_layers)]
+    blocks = [f.result() for f in futures]
+    packed = pack(store, m, plan.recipe, blocks)
+    metrics = evaluate(store, m, packed, plan.evaluation, plan.recipe.name)
+    baseline = evaluate(store, m, None, plan.evaluation, "fp32")
+    artifact = assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
+    entry = publish(store, artifact, registry) if registry else None
+
+    result = pipeline.summarize(store, artifact, entry, time.perf_counter() - started)
+    create_table_artifact(key=f"compress-{plan.recipe.name.replace('.', '-').replace(':', '-')}",
+                          table=pipeline.table_rows(result), description=f"{m.name} · {plan.recipe.name}")
+    return result

@@ -1,0 +1,256 @@
+"""QuantLinear: the "intq" packed format, group-wise asymmetric integer weights.
+
+Stored fields of a module (saved to safetensors as ``<module>.<field>``):
+
+* ``qweight`` int32 ``[out, ceil(in * bits / 32)]``: the codes ``q[o, i]`` in ``[0, 2**bits)``, each
+  row packed by :func:`squeezeflow.kernels.intpack.pack_rows`.
+* ``scales`` float16 ``[out, in // group_size]``.
+* ``zeros`` float16 ``[out, in // group_size]``: integer zero-points (fp16 holds every integer a
+  code can take exactly, so the zero-point is exact while sharing the scales' dtype).
+* ``bias`` float32 ``[out]``, only when the layer has a bias.
+
+Groups are ``group_size`` consecutive input columns of one output row; ``group_size == in``
+means one group per output channel. The weight is
+
+    W[o, i] = (q[o, i] - zeros[o, i // group_size]) * scales[o, i // group_size]
+
+computed in float32, then cast to the dtype of the activations.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .intpack import MAX_BITS, MIN_BITS, pack_rows, packed_width, unpack_rows_int
+
+FORMAT_NAME = "intq"
+_PARAM_KEYS = frozenset({"bits", "group_size"})
+
+
+class QuantLinear(nn.Module):
+    """Linear layer whose weight is stored as packed group-wise asymmetric integer codes.
+
+    ``dtype`` is the dtype :meth:`dequantize` returns by default (the model's compute dtype);
+    :meth:`forward` always computes in the dtype of its input.
+
+    Set ``cache_dequantized = True`` to keep the dequantized weight after the first forward. That
+    trades memory (a dense weight per layer) for speed, e.g. for evaluation loops; the cache is
+    rebuilt automatically when a buffer is replaced or modified in place, and
+    :meth:`invalidate_cache` drops it explicitly.
+    """
+
+    format_name = FORMAT_NAME
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_shape_params(in_features, out_features, bits, group_size)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.dtype = dtype
+        self.cache_dequantized = False
+        n_groups = in_features // group_size
+        # Explicit dtypes on every buffer: the HF loader builds this module under a default-dtype
+        # context and keeps each checkpoint tensor in the dtype of the buffer it lands in.
+        self.register_buffer(
+            "qweight",
+            torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.int32, device=device),
+        )
+        self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("bias", None)
+        self._cache: torch.Tensor | None = None
+        self._cache_key: tuple[Any, ...] | None = None
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @staticmethod
+    def check_params(params: Mapping[str, Any]) -> None:
+        """Validate a quantization_config entry such as ``{"format": "intq", "bits": 4, "group_size": 64}``."""
+        check_params(params)
+
+    @classmethod
+    def from_params(
+        cls,
+        params: Mapping[str, Any],
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> QuantLinear:
+        """Build an empty module from a quantization_config entry such as ``{"bits": 4, "group_size": 64}``."""
+        check_params(params)
+        return cls(in_features, out_features, int(params["bits"]), int(params["group_size"]), bias, dtype, device)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> QuantLinear:
+        """Build a module from unpacked codes ``[out, in]`` and per-group ``scales``/``zeros`` ``[out, in // group_size]``."""
+        fields = cls.pack_fields(codes, scales, zeros, bits, group_size, bias)
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, bits, group_size, bias is not None, dtype, codes.device)
+        for name, tensor in fields.items():
+            setattr(module, name, tensor)
+        return module
+
+    @staticmethod
+    def pack_fields(
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The tensors this format stores for one layer, keyed by field name (``qweight``, ``scales``, ...)."""
+        if codes.dim() != 2:
+            raise ValueError(f"codes must be [out_features, in_features], got shape {tuple(codes.shape)}")
+        out_features, in_features = codes.shape
+        _check_shape_params(in_features, out_features, bits, group_size)
+        group_shape = (out_features, in_features // group_size)
+        for name, t in (("scales", scales), ("zeros", zeros)):
+            if tuple(t.shape) != group_shape:
+                raise ValueError(f"{name} must have shape {group_shape} for group_size {group_size}, got {tuple(t.shape)}")
+            if not t.dtype.is_floating_point:
+                raise ValueError(f"{name} must be a float tensor (stored as float16), got {t.dtype}")
+        zeros16 = zeros.to(torch.float16)
+        # The format promises integer zero-points; a fractional one would silently change the
+        # weights when another implementation (e.g. a GPU kernel) rounds it.
+        if not torch.equal(zeros16, zeros16.round()):
+            raise ValueError("zeros must hold integer zero-points")
+        fields = {
+            "qweight": pack_rows(codes, bits),
+            "scales": scales.to(torch.float16).contiguous(),
+            "zeros": zeros16.contiguous(),
+        }
+        if bias is not None:
+            if tuple(bias.shape) != (out_features,):
+                raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+            fields["bias"] = bias.detach().to(torch.float32).contiguous()
+        return fields
+
+    # ---- compute ------------------------------------------------------------------------------
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``[out, in]``, computed in float32 and returned in ``dtype`` (default ``self.dtype``)."""
+        codes = unpack_rows_int(self.qweight, self.bits, self.in_features)
+        n_groups = self.in_features // self.group_size
+        grouped = codes.to(torch.float32).view(self.out_features, n_groups, self.group_size)
+        weight = (grouped - self.zeros.to(torch.float32).unsqueeze(-1)) * self.scales.to(torch.float32).unsqueeze(-1)
+        return weight.view(self.out_features, self.in_features).to(dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._weight(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+    def invalidate_cache(self) -> None:
+        """Drop the cached dequantized weight (it is rebuilt on the next forward if caching is on)."""
+        self._cache = None
+        self._cache_key = None
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self.cache_dequantized:
+            if self._cache is not None:
+                self.invalidate_cache()  # caching was switched off: release the memory
+            return self.dequantize(dtype)
+        key = self._buffer_key(dtype)
+        if self._cache is None or not self._cache_key_matches(key):
+            self._cache = self.dequantize(dtype)
+            self._cache_key = key
+        return self._cache
+
+    def _buffer_key(self, dtype: torch.dtype) -> tuple[Any, ...]:
+        # Weak references tell a replaced buffer apart from the original without keeping the old
+        # one alive; the version counter catches in-place writes such as load_state_dict's copy_.
+        buffers = (self.qweight, self.scales, self.zeros)
+        return tuple(weakref.ref(t) for t in buffers), tuple(t._version for t in buffers), dtype
+
+    def _cache_key_matches(self, key: tuple[Any, ...]) -> bool:
+        assert self._cache_key is not None
+        old_refs, old_versions, old_dtype = self._cache_key
+        new_refs, new_versions, new_dtype = key
+        same_tensors = all(old() is not None and old() is new() for old, new in zip(old_refs, new_refs))
+        return same_tensors and old_versions == new_versions and old_dtype == new_dtype
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # .to()/.cuda()/.half() move the buffers but not the plain-attribute cache; drop it so the
+        # next forward dequantizes on the new device.
+        self.invalidate_cache()
+
+        # The buffers are the packed storage format, so a dtype cast of the model (model.to(bf16),
+        # .half()) must not re-round the fp16 scales or the fp32 bias: follow the device change
+        # only, and take the new float dtype as this layer's compute dtype instead.
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            converted = fn(t)
+            if converted.dtype == t.dtype:
+                return converted
+            if t.is_floating_point() and converted.is_floating_point():
+                self.dtype = converted.dtype
+            return t.to(device=converted.device)
+
+        return super()._apply(move_only, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, format={self.format_name}"
+        )
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """Validate an "intq" quantization_config entry (the "format" key itself is allowed and ignored)."""
+    keys = set(params) - {"format"}
+    missing = _PARAM_KEYS - keys
+    unknown = keys - _PARAM_KEYS
+    if missing or unknown:
+        raise ValueError(
+            f"format {FORMAT_NAME!r} takes parameters {sorted(_PARAM_KEYS)}; "
+            f"missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+    bits, group_size = params["bits"], params["group_size"]
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"format {FORMAT_NAME!r}: bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"format {FORMAT_NAME!r}: group_size must be a positive int, got {group_size!r}")
+
+
+def _check_shape_params(in_features: int, out_features: int, bits: int, group_size: int) -> None:
+    check_params({"bits": bits, "group_size": group_size})
+    if in_features <= 0 or out_features <= 0:
+        raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+    if in_features % group_size:
+        raise ValueError(f"in_features ({in_features}) must be a multiple of group_size ({group_size})")

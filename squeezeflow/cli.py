@@ -1,0 +1,295 @@
+"""The `squeezeflow` command. Exit status: 0 success, 2 bad input (one line on stderr), 1 other failure.
+
+Every command validates its input before heavy work; commands that run flows start the embedded
+Prefect and S3 servers only when nothing else is configured (PREFECT_API_URL, SQUEEZEFLOW_REGISTRY...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import BadInput, IntegrityError
+
+DEMO_RECIPES = ("rtn-w4g64", "rtn-w3g64")
+# Sized so the first demo finishes in well under 15 minutes on 2 cores (see README).
+DEMO_CALIB_SAMPLES = 64
+DEMO_EVAL_WINDOWS = 16
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def _quiet_prefect_env() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------
+def cmd_models_prepare(args) -> int:
+    from .models import prepare_model
+
+    m = prepare_model(args.name, force=args.force)
+    out = {"name": m.name, "path": str(m.path), "fingerprint": m.fingerprint}
+    _print_json(out) if args.json else print(f"{m.name}: {m.path} (fingerprint {m.fingerprint[:16]}…)")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from .calibration import prepare_corpora
+
+    info = prepare_corpora(force=args.force)
+    if args.json:
+        _print_json(info)
+    else:
+        for name, split in sorted(info.get("splits", info).items()):
+            if isinstance(split, dict) and "sha256" in split:
+                print(f"{name}: {split.get('bytes', '?')} bytes, sha256 {split['sha256'][:16]}…")
+    return 0
+
+
+def _specs(args):
+    from .config import CalibrationSpec, EvalSpec, ModelRef
+    from pydantic import ValidationError
+
+    from .config import one_line
+
+    try:
+        calib_kwargs = {k: v for k, v in {"source": args.calibration, "n_samples": args.calib_samples,
+                                          "seqlen": args.seqlen, "seed": args.seed}.items() if v is not None}
+        eval_kwargs = {k: v for k, v in {"seqlen": args.seqlen, "max_windows": args.eval_windows}.items() if v is not None}
+        return (ModelRef(ref=args.model, trust_remote_code=args.trust_remote_code),
+                CalibrationSpec(**calib_kwargs), EvalSpec(**eval_kwargs))
+    except ValidationError as e:
+        raise BadInput(one_line(e)) from None
+
+
+def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, store: str | None, publish: bool = True) -> list[dict]:
+    """Preflight every recipe, then run the flow once per recipe on the configured Prefect server."""
+    from . import pipeline
+
+    plans = [pipeline.preflight(model_ref, r, calib, evaluation) for r in recipes]  # fail fast, no servers yet
+    registry_uri = pipeline.registry_for(registry) if publish else None
+    _quiet_prefect_env()
+    from .services import ensure_prefect
+
+    ensure_prefect()
+    from .flows.compress import Destinations, compress_flow
+
+    results = []
+    for plan in plans:
+        started = time.perf_counter()
+        out = compress_flow(model=model_ref, recipe=plan.recipe.name if not str(recipes[plans.index(plan)]).endswith((".yaml", ".yml")) else recipes[plans.index(plan)],
+                            calibration=calib, evaluation=evaluation,
+                            destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish))
+        out["wall_s"] = round(time.perf_counter() - started, 2)
+        results.append(out)
+    return results
+
+
+def _table(results: list[dict]) -> str:
+    base = results[0]["results"][0]
+    splits = list(base["perplexity"])
+    head = ["recipe", *[f"ppl {s}" for s in splits], "bits/w", "size MiB", "wall s"]
+    rows = [["fp32", *[f"{base['perplexity'][s]:.3f}" for s in splits], f"{base['bits_per_weight']:.2f}",
+             f"{base['size_bytes'] / 2**20:.1f}", "-"]]
+    for r in results:
+        m = r["results"][1]
+        rows.append([m["recipe"], *[f"{m['perplexity'][s]:.3f}" for s in splits], f"{m['bits_per_weight']:.3f}",
+                     f"{m['size_bytes'] / 2**20:.1f}", f"{r['wall_s']:.1f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths]), *[fmt.format(*r) for r in rows]])
+
+
+def _metrics_list(results: list[dict]) -> list[dict]:
+    out = [results[0]["results"][0]]
+    for r in results:
+        out.append(dict(r["results"][1], speed=dict(r["results"][1].get("speed") or {}, wall_s=r["wall_s"])))
+    return out
+
+
+def cmd_compress(args) -> int:
+    from .config import load_recipe
+
+    model_ref, calib, evaluation = _specs(args)
+    recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
+    for r in recipes:
+        load_recipe(r)
+    results = run_compress(model_ref, recipes, calib, evaluation, args.registry, args.store, not args.no_publish)
+    if args.json:
+        _print_json({"results": _metrics_list(results)})
+    else:
+        print(_table(results))
+        for r in results:
+            print(f"{r['results'][1]['recipe']}: {r['artifact']['uri'] or '(not published)'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .calibration import prepare_corpora
+    from .models import prepare_model
+    from .settings import cache_home
+
+    started = time.perf_counter()
+    prepare_model("smollm2-135m")
+    prepare_corpora()
+    args.model = "smollm2-135m"
+    args.calib_samples = args.calib_samples or DEMO_CALIB_SAMPLES
+    args.eval_windows = args.eval_windows or DEMO_EVAL_WINDOWS
+    model_ref, calib, evaluation = _specs(args)
+    results = run_compress(model_ref, list(DEMO_RECIPES), calib, evaluation, args.registry, args.store)
+    wall = time.perf_counter() - started
+    history_file = cache_home() / "demo-history.json"
+    history = json.loads(history_file.read_text()) if history_file.exists() else []
+    history.append({"wall_s": round(wall, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    history_file.parent.mkdir(parents=True, exist_ok=True)
+    history_file.write_text(json.dumps(history, indent=1))
+    if args.json:
+        _print_json({"results": _metrics_list(results), "demo": {"wall_s": round(wall, 1), "history": history}})
+        return 0
+    print(_table(results))
+    print()
+    for r in results:
+        print(f"{r['results'][1]['recipe']}: {r['artifact']['uri']}")
+    print()
+    print(f"calibration: {calib.n_samples} × {calib.seqlen} tokens from {calib.source}; "
+          f"evaluation: {evaluation.max_windows} windows × {evaluation.seqlen} tokens per split")
+    print(f"demo wall time: {wall:.1f} s (first demo on this cache: {history[0]['wall_s']:.1f} s; "
+          f"this run is {100 * wall / history[0]['wall_s']:.0f}% of it)")
+    return 0
+
+
+def _registry(args):
+    from . import pipeline
+    from .registry import Registry
+
+    return Registry(pipeline.registry_for(args.registry))
+
+
+def cmd_registry(args) -> int:
+    reg = _registry(args)
+    if args.action == "list":
+        entries = reg.list()
+        if args.json:
+            _print_json({"artifacts": entries})
+        else:
+            for e in entries:
+                ppl = e.get("metrics", {}).get("perplexity", {})
+                print(f"{e['uri']}  {','.join(e.get('aliases', []))}  " + "  ".join(f"{k}={v:.3f}" for k, v in ppl.items()))
+    elif args.action == "show":
+        _print_json(reg.show(args.ref))
+    elif args.action == "pull":
+        if not args.dest:
+            raise BadInput("registry pull needs --dest DIR")
+        path = reg.pull(args.ref, Path(args.dest))
+        _print_json({"path": str(path)}) if args.json else print(path)
+    elif args.action == "promote":
+        if not args.alias:
+            raise BadInput("registry promote needs --alias NAME")
+        out = reg.promote(args.ref, args.alias)
+        _print_json(out if isinstance(out, dict) else {"uri": str(out)}) if args.json else print(out)
+    return 0
+
+
+def cmd_services(args) -> int:
+    from . import services
+
+    if args.action == "status":
+        st = services.status()
+        if args.json:
+            _print_json(st)
+        else:
+            for name, s in st.items():
+                print(f"{name}: {'running' if s.get('running') else 'stopped'}  {s.get('url', '')}")
+    else:
+        services.stop()
+        print("stopped") if not args.json else _print_json(services.status())
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Parser
+# ------------------------------------------------------------------------------------------------
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-samples", type=int, help="calibration windows (default 128; demo 64)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration and evaluation window (default 512)")
+    p.add_argument("--calibration", help="calibration source: named split, .txt/.jsonl file or dir, s3:// prefix")
+    p.add_argument("--eval-windows", type=int, help="evaluation windows per held-out split (default 16)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--registry", help="s3://bucket/prefix (default: the embedded SeaweedFS server)")
+    p.add_argument("--store", help="artifact store: local dir or s3://bucket/prefix")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="squeezeflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="prepare known models").add_subparsers(dest="action", required=True)
+    prep = models.add_parser("prepare")
+    prep.add_argument("name")
+    prep.add_argument("--force", action="store_true")
+    prep.set_defaults(fn=cmd_models_prepare)
+
+    data = sub.add_parser("data", help="prepare corpora").add_subparsers(dest="action", required=True)
+    dprep = data.add_parser("prepare")
+    dprep.add_argument("--force", action="store_true")
+    dprep.set_defaults(fn=cmd_data_prepare)
+
+    demo = sub.add_parser("demo", help="end-to-end demo on embedded servers")
+    _run_flags(demo)
+    demo.set_defaults(fn=cmd_demo)
+
+    comp = sub.add_parser("compress", help="compress a model with one or more recipes")
+    comp.add_argument("model")
+    comp.add_argument("--recipe", required=True, help="preset name(s), comma-separated, or a YAML file")
+    comp.add_argument("--no-publish", action="store_true")
+    _run_flags(comp)
+    comp.set_defaults(fn=cmd_compress)
+
+    reg = sub.add_parser("registry", help="list, show, pull, promote artifacts")
+    reg.add_argument("action", choices=["list", "show", "pull", "promote"])
+    reg.add_argument("ref", nargs="?", help="s3:// entry URI or model/recipe@alias")
+    reg.add_argument("--dest")
+    reg.add_argument("--alias")
+    reg.add_argument("--registry")
+    reg.set_defaults(fn=cmd_registry)
+
+    svc = sub.add_parser("services", help="the embedded Prefect and S3 servers")
+    svc.add_argument("action", choices=["status", "stop"])
+    svc.set_defaults(fn=cmd_services)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # --json may come anywhere on the line.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    want_json = "--json" in argv
+    argv = [a for a in argv if a != "--json"]
+    args = parser.parse_args(argv)
+    args.json = want_json
+    try:
+        return args.fn(args)
+    except BadInput as e:
+        print(f"squeezeflow: error: {e}", file=sys.stderr)
+        return 2
+    except IntegrityError as e:
+        print(f"squeezeflow: integrity error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

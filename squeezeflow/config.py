@@ -1,0 +1,121 @@
+"""Typed specifications: what a user asks for. Flow parameters use these, so the Prefect UI renders a
+typed form, and every invalid value is refused here, before any heavy work.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import BadInput
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(Spec):
+    """Which model to compress: a prepared short name (`smollm2-135m`), a local HF directory, a registry
+    alias (`model/recipe@alias`) or an s3:// URI."""
+
+    ref: str = "smollm2-135m"
+    trust_remote_code: bool = Field(False, description="Run model code from the checkpoint (off unless you trust it)")
+
+
+class CalibrationSpec(Spec):
+    """Calibration windows: `n_samples` random windows of `seqlen` tokens drawn with `seed`."""
+
+    source: str = Field("sotu-calib", description="Named split, local .txt/.jsonl file or dir, or s3:// prefix")
+    n_samples: int = Field(128, ge=1, le=100_000)
+    seqlen: int = Field(512, ge=16)
+    seed: int = 0
+
+
+class EvalSpec(Spec):
+    """Perplexity protocol: non-overlapping `seqlen` windows of each held-out split; at most
+    `max_windows` of them, evenly spaced over the text (None = all)."""
+
+    splits: tuple[str, ...] = ("sotu-2000-2021", "moby-dick")
+    seqlen: int = Field(512, ge=16)
+    max_windows: int | None = Field(16, ge=1)
+
+
+class RTNConfig(Spec):
+    """Round-to-nearest, group-wise asymmetric min-max."""
+
+    method: Literal["rtn"] = "rtn"
+    bits: int = Field(4, description="Bits per weight, 2..8")
+    group_size: int | None = Field(64, description="Inputs per group; None = one group per output channel")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"group_size must be positive or null (per-channel), got {v}")
+        return v
+
+
+MethodConfig = Annotated[Union[RTNConfig], Field(discriminator="method")]
+
+
+class Recipe(Spec):
+    """An ordered list of methods (structural ones first) under one name."""
+
+    name: str
+    methods: list[MethodConfig] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._:-]*", v):
+            raise ValueError(f"recipe name {v!r} must be lowercase letters, digits, '.', '_', ':' or '-'")
+        return v
+
+
+_RTN_PRESET = re.compile(r"rtn-w(\d+)(?:g(\d+|c))?")
+
+
+def preset(name: str) -> Recipe:
+    """Named presets: `rtn-w<bits>g<group>` (e.g. rtn-w4g64), `rtn-w<bits>gc` or `rtn-w<bits>` (per-channel)."""
+    if m := _RTN_PRESET.fullmatch(name):
+        bits, group = int(m.group(1)), m.group(2)
+        return Recipe(name=name, methods=[RTNConfig(bits=bits, group_size=None if group in (None, "c") else int(group))])
+    raise BadInput(f"unknown recipe {name!r}: use a preset such as rtn-w4g64, rtn-w3g64, rtn-w8gc, or a YAML file")
+
+
+def load_recipe(spec: str) -> Recipe:
+    """A preset name or a YAML file: {name: ..., methods: [{method: rtn, bits: 4, group_size: 64}]}."""
+    try:
+        if spec.endswith((".yaml", ".yml")):
+            import yaml
+
+            path = Path(spec)
+            if not path.is_file():
+                raise BadInput(f"recipe file {spec!r} does not exist")
+            data = yaml.safe_load(path.read_text())
+            if not isinstance(data, dict):
+                raise BadInput(f"recipe file {spec!r} must hold a mapping with 'name' and 'methods'")
+            data.setdefault("name", path.stem.lower())
+            return Recipe(**data)
+        return preset(spec)
+    except ValidationError as e:
+        raise BadInput(f"recipe {spec!r}: {one_line(e)}") from None
+
+
+def one_line(e: ValidationError) -> str:
+    """Pydantic's errors as one readable line: `field: message; field: message`."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

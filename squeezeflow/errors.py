@@ -1,0 +1,14 @@
+"""Error types that the CLI maps to exit codes.
+
+BadInput: the user asked for something impossible or gave us something unusable. Raised in preflight,
+before any heavy work, with one line that names the problem and, where possible, the fix (exit 2).
+Everything else is an ordinary failure (exit 1).
+"""
+
+
+class BadInput(ValueError):
+    """Invalid user input: model, recipe, calibration source, store/registry location, parameters."""
+
+
+class IntegrityError(RuntimeError):
+    """Stored bytes do not match the sha256 recorded for them (tampering or corruption)."""

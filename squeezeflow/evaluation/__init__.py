@@ -1,0 +1,1 @@
+"""Evaluation of packed models: perplexity, size and effective bits, reports."""

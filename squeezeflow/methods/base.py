@@ -1,0 +1,53 @@
+"""The method interface. A method is one class: it declares the statistics it needs, checks that it
+can run on a model before any heavy work, and compresses one linear layer at a time into the fields of
+a packed format (see kernels/formats.py).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..errors import BadInput
+
+
+@dataclass
+class CompressedLinear:
+    """One linear layer in a packed format: `tensors` are the format's fields before bit-packing."""
+
+    format: str                      # a key of kernels.formats.FORMATS
+    params: dict                     # JSON-able format parameters (bits, group_size, ...)
+    tensors: dict[str, torch.Tensor]
+    bias: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)  # diagnostics for the report (errors, timings excluded)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ()   # statistics collectors this method reads (stats.COLLECTORS)
+    layerwise: ClassVar[bool] = True           # independent per block => the flow fans out per block
+
+    def __init__(self, config):
+        self.config = config
+
+    def check(self, linear_shapes: dict[str, tuple[int, int]]) -> None:
+        """Preflight on {qualified linear name: (out_features, in_features)}; raise BadInput."""
+
+    @abstractmethod
+    def compress_linear(self, name: str, weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> CompressedLinear:
+        """Compress one weight [out, in]; `stats` holds this linear's statistics by collector name."""
+
+    @abstractmethod
+    def dequantize(self, c: CompressedLinear) -> torch.Tensor:
+        """The weight the packed layer computes with (fp32), for diagnostics and tests."""
+
+
+def check_group_size(group_size: int | None, linear_shapes: dict[str, tuple[int, int]]) -> None:
+    if group_size is None:
+        return
+    bad = sorted({in_f for _, (_, in_f) in linear_shapes.items() if in_f % group_size})
+    if bad:
+        raise BadInput(f"group size {group_size} does not divide in_features {', '.join(map(str, bad))} "
+                       f"of the targeted linears; choose a divisor (e.g. 64 or 32) or per-channel")

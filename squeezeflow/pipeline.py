@@ -1,0 +1,337 @@
+"""The six stages as plain functions: calibrate -> saliency -> compress -> pack -> evaluate -> publish.
+
+Each takes and returns small refs into the artifact store, never tensors or modules, so the Prefect tasks
+in tasks/ are thin wrappers and every stage is testable without Prefect. `STAGE_VERSIONS` is part of
+every cache key: bump a stage's version when its output for the same inputs changes.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from . import __version__
+from .config import CalibrationSpec, EvalSpec, ModelRef, Recipe, load_recipe
+from .errors import BadInput
+from .methods import get_method
+from .models import LayerStream, decoder_linears, load_config, load_tokenizer, resolve_model
+from .stats import StatsRef
+from .store import ArtifactStore, Ref, canonical_json, sha256_bytes
+
+STAGE_VERSIONS = {"calibrate": "1", "saliency": "1", "compress": "1", "pack": "1", "evaluate": "1", "publish": "1"}
+FORMAT_VERSION = 1
+# diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
+# activation-weighted output error, which is the number that predicts perplexity damage.
+BASE_STATISTICS = ("hdiag",)
+
+
+class ModelInfo(BaseModel):
+    """A resolved model. The fingerprint, not the path, identifies it in cache keys and lineage."""
+
+    ref: str
+    name: str
+    path: str
+    fingerprint: str
+    num_layers: int
+    trust_remote_code: bool = False
+
+    model_config = {"frozen": True}
+
+
+class Plan(BaseModel):
+    """Everything preflight checked, in the form the stages consume."""
+
+    model: ModelInfo
+    recipe: Recipe
+    calibration: CalibrationSpec
+    evaluation: EvalSpec
+    statistics: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------------------------
+# Preflight: validate everything before heavy work
+# ------------------------------------------------------------------------------------------------
+def target_linears(path: Path, trust_remote_code: bool = False) -> dict[str, tuple[int, int]]:
+    """{qualified name: (out, in)} for every linear in every decoder block, from a meta skeleton."""
+    stream = LayerStream(path, trust_remote_code)
+    return {f"model.layers.{i}.{n}": (m.out_features, m.in_features)
+            for i, layer in enumerate(stream.inner.layers) for n, m in decoder_linears(layer).items()}
+
+
+def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec) -> Plan:
+    from .calibration import load_text
+
+    recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if len(recipe.methods) != 1:
+        raise BadInput(f"recipe {recipe.name!r} lists {len(recipe.methods)} methods; this version runs one weight method per recipe")
+    resolved = resolve_model(model.ref)
+    config = load_config(resolved.path, model.trust_remote_code)
+    if getattr(config, "quantization_config", None):
+        raise BadInput(f"model {model.ref!r} is already compressed; compress its base model instead")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    for what, seqlen in (("calibration", calibration.seqlen), ("evaluation", evaluation.seqlen)):
+        if max_pos and seqlen > max_pos:
+            raise BadInput(f"{what} seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
+    linears = target_linears(resolved.path, model.trust_remote_code)
+    method = get_method(recipe.methods[0])
+    method.check(linears)
+    load_text(calibration.source)  # readable and non-empty, or a BadInput naming it
+    for split in evaluation.splits:
+        load_text(split)
+    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in recipe.methods for s in get_method(m).requires}))
+    info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
+                     num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
+    return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=stats)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+# ------------------------------------------------------------------------------------------------
+def calibrate(store: ArtifactStore, model: ModelInfo, spec: CalibrationSpec) -> Ref:
+    """Sample calibration windows; the provenance (source hash, tokenizer, seed) rides in the metadata."""
+    from .calibration import build_calibration_set
+
+    tokenizer = load_tokenizer(Path(model.path), model.trust_remote_code)
+    return build_calibration_set(spec.source, tokenizer, spec.n_samples, spec.seqlen, spec.seed).put(store)
+
+
+def saliency(store: ArtifactStore, model: ModelInfo, calib: Ref, statistics: tuple[str, ...]) -> dict[str, StatsRef]:
+    from .stats import collect
+
+    return collect(store, Path(model.path), model.fingerprint, calib, list(statistics),
+                   trust_remote_code=model.trust_remote_code)
+
+
+def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: Recipe,
+                   stats: dict[str, StatsRef]) -> Ref:
+    """Compress every linear of decoder block `block`; one safetensors object with all their fields."""
+    stream = LayerStream(Path(model.path), model.trust_remote_code)
+    weights = stream.block_state(block)
+    block_stats = {name: store.get_tensors(s.blocks[block]) for name, s in stats.items()}
+    method = get_method(recipe.methods[0])
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name in decoder_linears(stream.inner.layers[block]):
+        w = weights[f"{name}.weight"]
+        lin_stats = {k: v[name] for k, v in block_stats.items() if name in v}
+        c = method.compress_linear(f"model.layers.{block}.{name}", w, lin_stats)
+        w_hat = method.dequantize(c)
+        layers[name] = {"format": c.format, "params": c.params, **c.metrics,
+                        **reconstruction_errors(w, w_hat, lin_stats.get("hdiag"))}
+        for field, t in c.tensors.items():
+            tensors[f"{name}.{field}"] = t
+        if f"{name}.bias" in weights:
+            tensors[f"{name}.bias"] = weights[f"{name}.bias"]
+    meta = {"block": str(block), "layers": json.dumps(layers, sort_keys=True)}
+    return store.put_tensors(tensors, kind="compressed-block", metadata=meta)
+
+
+def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:
+    """Relative weight error, and with h = diag(XᵀX) the relative output error Σ h_j ΔW_ij² / Σ h_j W_ij²."""
+    d = (w.double() - w_hat.double()) ** 2
+    out = {"weight_rel_err": float(d.sum() / (w.double() ** 2).sum())}
+    if h is not None:
+        hd = h.double()
+        out["output_rel_err"] = float((d * hd).sum() / ((w.double() ** 2) * hd).sum())
+    return out
+
+
+def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Ref]) -> Ref:
+    """Bit-pack every compressed block into the kernel format and write an HF-loadable directory."""
+    from safetensors.torch import save_file
+
+    from .kernels.formats import packed_tensors
+
+    src = Path(model.path)
+    stream = LayerStream(src, model.trust_remote_code)
+    tensors: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    for i, ref in enumerate(blocks):
+        data = store.get_tensors(ref)
+        layers = json.loads(store.get_tensors_metadata(ref)["layers"])
+        prefix = f"model.layers.{i}"
+        for name, info in layers.items():
+            fields = {k[len(name) + 1:]: v for k, v in data.items() if k.startswith(name + ".")}
+            for field, t in packed_tensors(info["format"], **fields, **info["params"]).items():
+                tensors[f"{prefix}.{name}.{field}"] = t
+            modules[f"{prefix}.{name}"] = {"format": info["format"], **info["params"]}
+        # Everything in the block that is not a compressed linear (norms) is copied as it is.
+        for k, v in stream.block_state(i).items():
+            if k.rsplit(".", 1)[0] not in layers:
+                tensors[f"{prefix}.{k}"] = v
+    for prefix in ("model.embed_tokens", "model.norm", "lm_head"):
+        for k, v in stream.tensors(prefix).items():
+            tensors[f"{prefix}.{k}"] = v
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((src / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "squeezeflow", "format_version": FORMAT_VERSION,
+                                         "recipe": recipe.name, "modules": modules}
+        (out / "config.json").write_bytes(canonical_json(config))
+        for f in sorted(src.iterdir()):
+            if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+                shutil.copyfile(f, out / f.name)
+        return store.put_dir(out, kind="packed-model")
+
+
+def tokenizer_hash(path: Path) -> str:
+    files = sorted(p for p in path.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
+    return sha256_bytes(b"".join(p.name.encode() + p.read_bytes() for p in files))
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "squeezeflow": __version__}
+    for lib in ("torch", "transformers", "safetensors", "prefect", "boto3"):
+        try:
+            out[lib] = md.version(lib)
+        except md.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def code_version() -> dict:
+    """Package version, stage versions and, in a checkout, the git commit of the code that ran."""
+    commit = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"squeezeflow": __version__, "stages": STAGE_VERSIONS, "git_commit": commit}
+
+
+def eval_protocol(model: ModelInfo, spec: EvalSpec) -> dict[str, tuple[torch.Tensor, dict]]:
+    """The held-out windows of each split and the protocol record that makes the number reproducible."""
+    from .calibration import eval_windows, load_text, tokenize
+
+    tokenizer = load_tokenizer(Path(model.path), model.trust_remote_code)
+    out = {}
+    for split in spec.splits:
+        text = load_text(split)
+        ids = tokenize(text.text, tokenizer)
+        windows = eval_windows(ids, spec.seqlen, spec.max_windows)
+        out[split] = (windows, {"corpus_sha256": text.sha256, "corpus_tokens": int(ids.numel()),
+                                "seqlen": spec.seqlen, "windows": int(windows.shape[0]),
+                                "tokens": int(windows.numel()), "bos": False,
+                                "selection": "non-overlapping windows, evenly spaced over the text",
+                                "tokenizer": tokenizer_hash(Path(model.path))})
+    return out
+
+
+def evaluate(store: ArtifactStore, model: ModelInfo, packed: Ref | None, spec: EvalSpec, recipe: str) -> Ref:
+    """Perplexity of the PACKED model loaded back through from_pretrained (or of the base model when
+    `packed` is None), plus size and effective bits from the bytes written."""
+    from .evaluation.perplexity import perplexity
+    from .evaluation.size import size_report
+    from .models import load_model
+
+    path = store.materialize(packed) if packed is not None else Path(model.path)
+    torch.manual_seed(0)
+    net = load_model(path, torch.float32, model.trust_remote_code)
+    metrics = {"recipe": recipe, "uri": None, "perplexity": {}, "kl": {}, "accuracy": {}, "speed": {},
+               "protocol": {"evaluation": {}}}
+    for split, (windows, protocol) in eval_protocol(model, spec).items():
+        result = perplexity(net, windows)
+        metrics["perplexity"][split] = round(result["perplexity"], 6)
+        metrics["protocol"]["evaluation"][split] = protocol
+    metrics.update(size_report(path, target_linears(Path(model.path), model.trust_remote_code)))
+    return store.put_json(metrics, kind="metrics")
+
+
+def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, StatsRef], blocks: list[Ref],
+             packed: Ref, metrics: Ref, baseline: Ref) -> Ref:
+    """The publishable artifact: packed files + report/ + manifest.json (lineage, metrics, every file's
+    sha256). Its id is a hash of its content, so identical runs give identical artifacts."""
+    from .calibration import CalibrationSet
+    from .evaluation.report import render
+    from .store import sha256_file
+
+    m, base = store.get_json(metrics), store.get_json(baseline)
+    layer_errors = {}
+    for i, ref in enumerate(blocks):
+        for name, info in sorted(json.loads(store.get_tensors_metadata(ref)["layers"]).items()):
+            layer_errors[f"model.layers.{i}.{name}"] = {k: v for k, v in info.items() if k.endswith("_err")}
+    provenance = CalibrationSet.get(store, calib).provenance
+    lineage = {
+        "model": {"name": plan.model.name, "ref": plan.model.ref, "fingerprint": plan.model.fingerprint},
+        "recipe": plan.recipe.model_dump(mode="json"),
+        "calibration": provenance,
+        "statistics": {name: s.key for name, s in sorted(stats.items())},
+        "stage_outputs": {"calibrate": calib.sha256, "compress": [b.sha256 for b in blocks],
+                          "pack": packed.sha256, "evaluate": metrics.sha256},
+        "code": code_version(),
+        "libraries": library_versions(),
+        "seed": plan.calibration.seed,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "artifact"
+        shutil.copytree(store.materialize(packed), out)
+        (out / "report").mkdir()
+        (out / "report" / "metrics.json").write_bytes(canonical_json({"results": [base, m]}))
+        (out / "report" / "report.md").write_text(render(m, base, lineage, layer_errors))
+        files = {p.relative_to(out).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+                 for p in sorted(out.rglob("*")) if p.is_file()}
+        artifact_id = sha256_bytes(canonical_json({"files": files, "lineage": lineage}))[:16]
+        manifest = {"format_version": FORMAT_VERSION, "artifact_id": artifact_id, "model": plan.model.name,
+                    "recipe": plan.recipe.name, "lineage": lineage, "metrics": m, "baseline": base, "files": files}
+        (out / "manifest.json").write_bytes(canonical_json(manifest))
+        return store.put_dir(out, kind="artifact")
+
+
+def publish(store: ArtifactStore, artifact: Ref, registry_uri: str) -> dict:
+    """Upload to the registry (manifest last) and move the `latest` alias; idempotent."""
+    from .registry import Registry
+
+    path = store.materialize(artifact)
+    manifest = json.loads((path / "manifest.json").read_text())
+    entry = Registry(registry_uri).publish(path, manifest["model"], manifest["recipe"], manifest["artifact_id"])
+    return {"uri": entry.uri, "artifact_id": manifest["artifact_id"], "model": manifest["model"],
+            "recipe": manifest["recipe"]}
+
+
+def registry_for(uri: str | None) -> str:
+    """The registry to publish to, checked reachable now (preflight). Empty = the embedded server."""
+    from .s3 import check_reachable
+    from .settings import registry_uri
+
+    uri = uri or registry_uri()
+    if not uri:
+        from .services import embedded_registry_uri, ensure_s3
+
+        ensure_s3()
+        uri = embedded_registry_uri()
+    if not uri.startswith("s3://"):
+        raise BadInput(f"registry must be an s3:// URI, got {uri!r}")
+    check_reachable(uri)
+    return uri
+
+
+def summarize(store: ArtifactStore, artifact: Ref, entry: dict | None, wall_s: float) -> dict:
+    """The flow's return value: the metrics schema of ARCHITECTURE.md for the base model and the artifact."""
+    manifest = json.loads(store.get_bytes(store.get_tree(artifact)["manifest.json"]))
+    uri = entry["uri"] if entry else None
+    result = dict(manifest["metrics"], uri=uri)
+    result["speed"] = dict(result.get("speed") or {}, flow_wall_s=round(wall_s, 2))
+    return {"artifact": {"uri": uri, "artifact_id": manifest["artifact_id"], "store_ref": artifact.model_dump()},
+            "results": [manifest["baseline"], result]}
+
+
+def table_rows(result: dict) -> list[dict]:
+    rows = []
+    for m in result["results"]:
+        row = {"recipe": m["recipe"], **{f"ppl {k}": round(v, 3) for k, v in m["perplexity"].items()},
+               "bits/weight": round(m["bits_per_weight"], 3), "size MiB": round(m["size_bytes"] / 2**20, 1)}
+        if "flow_wall_s" in (m.get("speed") or {}):
+            row["wall s"] = m["speed"]["flow_wall_s"]
+        rows.append(row)
+    return rows

@@ -1,0 +1,76 @@
+"""The statistics engine: collectors streamed block by block over the calibration windows.
+
+`collect(...)` runs every requested collector in ONE streamed pass over the model (one decoder block in
+memory at a time), stores each block's result in the artifact store, and memoizes the whole result under
+a key built from (model fingerprint, calibration set hash, collector name + version). A later run with
+the same inputs, in any process, gets the stored statistics back without touching the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+from pydantic import BaseModel
+
+from ..calibration import CalibrationSet
+from ..models import LayerStream
+from ..store import ArtifactStore, Ref, canonical_json
+from .hdiag import HDiag
+
+COLLECTORS = {HDiag.name: HDiag}
+
+
+class StatsRef(BaseModel):
+    """One collector's statistics: `blocks[i]` holds {linear name: tensor} for decoder block i."""
+
+    collector: str
+    key: str
+    blocks: list[Ref]
+
+    model_config = {"frozen": True}
+
+
+def stats_key(collector: str, model_fingerprint: str, calib_sha256: str) -> str:
+    spec = {"collector": collector, "version": COLLECTORS[collector].version,
+            "model": model_fingerprint, "calibration": calib_sha256}
+    return "stats-" + hashlib.sha256(canonical_json(spec)).hexdigest()
+
+
+def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref, names: list[str],
+            batch_size: int = 4, trust_remote_code: bool = False) -> dict[str, StatsRef]:
+    unknown = sorted(set(names) - set(COLLECTORS))
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; known: {sorted(COLLECTORS)}")
+    out: dict[str, StatsRef] = {}
+    todo = []
+    for name in sorted(set(names)):
+        key = stats_key(name, model_fingerprint, calib.sha256)
+        cached = store.get_index(key)
+        if cached is not None:
+            out[name] = StatsRef(**store.get_json(cached))
+        else:
+            todo.append((name, key))
+    if not todo:
+        return out
+
+    stream = LayerStream(model_path, trust_remote_code)
+    windows = CalibrationSet.get(store, calib).windows
+    collectors = {name: COLLECTORS[name]() for name, _ in todo}
+    blocks: dict[str, list[Ref]] = {name: [] for name, _ in todo}
+    with torch.no_grad():
+        hidden = [stream.embed(w.unsqueeze(0)) for w in windows]
+        for i in range(stream.num_layers):
+            with stream.block(i) as layer:
+                with contextlib.ExitStack() as attached:
+                    for c in collectors.values():
+                        attached.enter_context(c.attach(layer))
+                    hidden = stream.forward_block(layer, hidden, batch_size)
+                for name, c in collectors.items():
+                    blocks[name].append(store.put_tensors(c.result(), kind=f"stats/{name}"))
+    for name, key in todo:
+        ref = StatsRef(collector=name, key=key, blocks=blocks[name])
+        store.put_index(key, store.put_json(ref.model_dump(), kind="stats-index"))
+        out[name] = ref
+    return out
+

@@ -1,0 +1,40 @@
+"""diag(XᵀX) per linear: h_j = mean over calibration tokens of x_j², x the linear's input.
+
+Accumulated in float64 (sums of many squares lose precision in fp32) with forward pre-hooks while one
+decoder block processes all calibration windows.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..models import decoder_linears
+
+
+class HDiag:
+    name = "hdiag"
+    version = "1"
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def attach(self, layer: torch.nn.Module):
+        self._sums, self._count = {}, {}
+        handles = []
+        for name, lin in decoder_linears(layer).items():
+            def hook(_mod, args, name=name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                self._sums[name] = self._sums.get(name, 0) + (x * x).sum(0)
+                self._count[name] = self._count.get(name, 0) + x.shape[0]
+            handles.append(lin.register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {name: (s / self._count[name]).float() for name, s in sorted(self._sums.items())}

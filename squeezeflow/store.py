@@ -1,0 +1,266 @@
+"""The content-addressed artifact store every stage reads from and writes to.
+
+Objects are immutable blobs named by their sha256: `<root>/objects/<aa>/<sha256>`. A stage returns a
+small `Ref` (uri, sha256, size, kind); Prefect hashes refs, never tensors. A directory (a packed model)
+is stored as a *tree*: a canonical JSON object {relative path: Ref}, itself an object.
+
+Two backends behind one interface: a local directory (default) and an S3 prefix (boto3). Writes are
+atomic (temp file + fsync + rename locally; a single PUT with a SHA256 checksum on S3), so a crash or a
+full disk never leaves a half-written object under its final name, and every read verifies the hash.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from .errors import BadInput, IntegrityError
+
+
+class Ref(BaseModel):
+    """A pointer into the store. `uri` is `sfs://<sha256>`: location-independent by design."""
+
+    uri: str
+    sha256: str
+    size: int
+    kind: str
+
+    model_config = {"frozen": True}
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no whitespace variance, trailing newline."""
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+class ArtifactStore:
+    """Content-addressed blobs. Use `open_store(uri)` to get the right backend."""
+
+    uri: str
+
+    # --- backend primitives -------------------------------------------------------------------
+    def _has(self, sha: str) -> bool: ...
+    def _write(self, sha: str, data: bytes) -> None: ...
+    def _read(self, sha: str) -> bytes: ...
+
+    # --- public API ---------------------------------------------------------------------------
+    def put_bytes(self, data: bytes, kind: str) -> Ref:
+        sha = sha256_bytes(data)
+        if not self._has(sha):
+            self._write(sha, data)
+        return Ref(uri=f"sfs://{sha}", sha256=sha, size=len(data), kind=kind)
+
+    def put_json(self, obj: Any, kind: str) -> Ref:
+        return self.put_bytes(canonical_json(obj), kind)
+
+    def put_tensors(self, tensors: dict, kind: str, metadata: dict[str, str] | None = None) -> Ref:
+        from safetensors.torch import save
+
+        # safetensors orders tensors by dtype then name; contiguous copies make the bytes deterministic.
+        data = save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, metadata=metadata)
+        return self.put_bytes(data, kind)
+
+    def put_file(self, path: str | os.PathLike, kind: str) -> Ref:
+        return self.put_bytes(Path(path).read_bytes(), kind)
+
+    def exists(self, ref: Ref) -> bool:
+        return self._has(ref.sha256)
+
+    def get_bytes(self, ref: Ref) -> bytes:
+        if not self._has(ref.sha256):
+            raise IntegrityError(f"object {ref.sha256[:12]} ({ref.kind}) is missing from store {self.uri}")
+        data = self._read(ref.sha256)
+        if sha256_bytes(data) != ref.sha256:
+            raise IntegrityError(f"object {ref.sha256[:12]} ({ref.kind}) in store {self.uri} is corrupted")
+        return data
+
+    def get_json(self, ref: Ref) -> Any:
+        return json.loads(self.get_bytes(ref))
+
+    def get_tensors(self, ref: Ref) -> dict:
+        from safetensors.torch import load
+
+        return load(self.get_bytes(ref))
+
+    def get_tensors_metadata(self, ref: Ref) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+            f.write(self.get_bytes(ref))
+            f.flush()
+            with safe_open(f.name, "pt") as st:
+                return dict(st.metadata() or {})
+
+    # --- named entries: a memo from a computation's key to the object it produced -------------------
+    def put_index(self, key: str, ref: Ref) -> None:
+        """Remember that the computation `key` produced `ref` (e.g. statistics for a model+calibration)."""
+        self._write_index(key, canonical_json(ref.model_dump()))
+
+    def get_index(self, key: str) -> Ref | None:
+        data = self._read_index(key)
+        if data is None:
+            return None
+        ref = Ref(**json.loads(data))
+        return ref if self._has(ref.sha256) else None
+
+    def _write_index(self, key: str, data: bytes) -> None: ...
+    def _read_index(self, key: str) -> bytes | None: ...
+
+    # --- trees (directories) ------------------------------------------------------------------
+    def put_tree(self, files: dict[str, Ref], kind: str = "tree") -> Ref:
+        for rel in files:
+            if rel.startswith("/") or ".." in Path(rel).parts:
+                raise ValueError(f"tree path escapes its root: {rel!r}")
+        return self.put_json({rel: r.model_dump() for rel, r in sorted(files.items())}, kind)
+
+    def put_dir(self, directory: str | os.PathLike, kind: str = "tree") -> Ref:
+        root = Path(directory)
+        files = {p.relative_to(root).as_posix(): self.put_file(p, "file")
+                 for p in sorted(root.rglob("*")) if p.is_file()}
+        return self.put_tree(files, kind)
+
+    def get_tree(self, ref: Ref) -> dict[str, Ref]:
+        return {rel: Ref(**r) for rel, r in self.get_json(ref).items()}
+
+    def materialize(self, ref: Ref, dest: str | os.PathLike | None = None) -> Path:
+        """Write a tree out as a directory (verified); default location is keyed by the tree's hash."""
+        from .settings import scratch_dir
+
+        dest = Path(dest) if dest else scratch_dir() / "trees" / ref.sha256
+        done = dest.with_name(dest.name + ".complete")  # beside the tree, so the tree holds only its files
+        if dest.is_dir() and done.exists() and done.read_text() == ref.sha256:
+            return dest
+        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, fref in self.get_tree(ref).items():
+            out = tmp / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(self.get_bytes(fref))
+        done.unlink(missing_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        done.write_text(ref.sha256)
+        return dest
+
+
+class LocalStore(ArtifactStore):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self.uri = str(self.root)
+
+    def _path(self, sha: str) -> Path:
+        return self.root / "objects" / sha[:2] / sha
+
+    def _has(self, sha: str) -> bool:
+        return self._path(sha).is_file()
+
+    def _write(self, sha: str, data: bytes) -> None:
+        path = self._path(sha)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the whole object or none
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _read(self, sha: str) -> bytes:
+        return self._path(sha).read_bytes()
+
+    def _write_index(self, key: str, data: bytes) -> None:
+        path = self.root / "index" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _read_index(self, key: str) -> bytes | None:
+        path = self.root / "index" / key
+        return path.read_bytes() if path.is_file() else None
+
+
+class S3Store(ArtifactStore):
+    def __init__(self, uri: str):
+        from .s3 import S3Location, client
+
+        self.loc = S3Location.parse(uri)
+        self.uri = uri
+        self._client = client()
+
+    def _key(self, sha: str) -> str:
+        return self.loc.key("objects", sha[:2], sha)
+
+    def _has(self, sha: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_object(Bucket=self.loc.bucket, Key=self._key(sha))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def _write(self, sha: str, data: bytes) -> None:
+        import base64
+
+        self._client.put_object(
+            Bucket=self.loc.bucket, Key=self._key(sha), Body=data,
+            ChecksumSHA256=base64.b64encode(bytes.fromhex(sha)).decode(),  # server rejects corrupted bodies
+        )
+
+    def _read(self, sha: str) -> bytes:
+        return self._client.get_object(Bucket=self.loc.bucket, Key=self._key(sha))["Body"].read()
+
+    def _write_index(self, key: str, data: bytes) -> None:
+        self._client.put_object(Bucket=self.loc.bucket, Key=self.loc.key("index", key), Body=data)
+
+    def _read_index(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client.get_object(Bucket=self.loc.bucket, Key=self.loc.key("index", key))["Body"].read()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+
+def open_store(uri: str | None = None) -> ArtifactStore:
+    from .settings import store_uri
+
+    uri = uri or store_uri()
+    if uri.startswith("s3://"):
+        return S3Store(uri)
+    if "://" in uri:
+        raise BadInput(f"unsupported store location {uri!r}: use a local directory or s3://bucket/prefix")
+    return LocalStore(uri)
+
+
+def iter_tree_files(store: ArtifactStore, ref: Ref) -> Iterator[tuple[str, bytes]]:
+    for rel, fref in store.get_tree(ref).items():
+        yield rel, store.get_bytes(fref)
+
