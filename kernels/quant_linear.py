@@ -123,7 +123,8 @@ class QuantLinear(nn.Module):
         out_features, in_features = codes.shape
         module = cls(in_features, out_features, bits, group_size, bias is not None, dtype, codes.device)
         for name, tensor in fields.items():
-            setattr(module, name, tensor)
+            # pack_fields may hand back the caller's own fp16 tensors; the module owns copies.
+            setattr(module, name, tensor.clone())
         return module
 
     @staticmethod
@@ -153,8 +154,8 @@ class QuantLinear(nn.Module):
             raise ValueError("zeros must hold integer zero-points")
         fields = {
             "qweight": pack_rows(codes, bits),
-            "scales": scales.to(torch.float16).contiguous(),
-            "zeros": zeros16.contiguous(),
+            "scales": scales.detach().to(torch.float16).contiguous(),
+            "zeros": zeros16.detach().contiguous(),
         }
         if bias is not None:
             if tuple(bias.shape) != (out_features,):

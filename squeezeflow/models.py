@@ -295,3 +295,28 @@ class LayerStream:
 def decoder_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """The linear layers of a decoder block, by their name inside the block (self_attn.q_proj, ...)."""
     return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def truncate_model(src: Path, dest: Path, num_layers: int) -> ResolvedModel:
+    """A copy of `src` keeping only its first `num_layers` decoder blocks (smoke tests, quick trials)."""
+    from safetensors.torch import save_file
+
+    stream = LayerStream(src)
+    if not 1 <= num_layers <= stream.num_layers:
+        raise BadInput(f"num_layers must be in 1..{stream.num_layers}, got {num_layers}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key in stream._where:
+        parts = key.split(".")
+        if key.startswith("model.layers.") and int(parts[2]) >= num_layers:
+            continue
+        tensors[key] = stream.tensors(key.rsplit(".", 1)[0])[parts[-1]]
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((Path(src) / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    (dest / "config.json").write_bytes(canonical_json(config))
+    for f in Path(src).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copyfile(f, dest / f.name)
+    return ResolvedModel(dest.name, dest, fingerprint_dir(dest)[0])
