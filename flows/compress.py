@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from squeezeflow import pipeline
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.settings import store_uri as default_store_uri
+from squeezeflow.store import open_store
 from squeezeflow.tasks.calibrate import calibrate
 from squeezeflow.tasks.compress import compress_block
 from squeezeflow.tasks.evaluate import evaluate
@@ -55,7 +56,7 @@ def compress_flow(
     artifact = assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
     entry = publish(store, artifact, registry) if registry else None
 
-    result = pipeline.summarize(store, artifact, entry, time.perf_counter() - started)
+    result = pipeline.summarize(open_store(store), artifact, entry, time.perf_counter() - started)
     create_table_artifact(key=f"compress-{plan.recipe.name.replace('.', '-').replace(':', '-')}",
                           table=pipeline.table_rows(result), description=f"{m.name} · {plan.recipe.name}")
     return result

@@ -76,7 +76,8 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
     """Preflight every recipe, then run the flow once per recipe on the configured Prefect server."""
     from . import pipeline
 
-    plans = [pipeline.preflight(model_ref, r, calib, evaluation) for r in recipes]  # fail fast, no servers yet
+    for r in recipes:  # fail fast, before any server starts
+        pipeline.preflight(model_ref, r, calib, evaluation)
     registry_uri = pipeline.registry_for(registry) if publish else None
     _quiet_prefect_env()
     from .services import ensure_prefect
@@ -85,10 +86,9 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
     from .flows.compress import Destinations, compress_flow
 
     results = []
-    for plan in plans:
+    for spec in recipes:
         started = time.perf_counter()
-        out = compress_flow(model=model_ref, recipe=plan.recipe.name if not str(recipes[plans.index(plan)]).endswith((".yaml", ".yml")) else recipes[plans.index(plan)],
-                            calibration=calib, evaluation=evaluation,
+        out = compress_flow(model=model_ref, recipe=spec, calibration=calib, evaluation=evaluation,
                             destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish))
         out["wall_s"] = round(time.perf_counter() - started, 2)
         results.append(out)

@@ -169,7 +169,9 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     """Whole-model load (evaluation, small models). Packed artifacts load through our HF quantizer."""
     import squeezeflow  # noqa: F401  (registers the quantizer)
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep CLI and flow logs readable
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
     return model.eval()

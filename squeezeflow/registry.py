@@ -125,13 +125,13 @@ class Registry:
         for label, name in (("model", model), ("recipe", recipe), ("artifact id", artifact_id)):
             _check_name(label, name)
         local = Path(local_dir)
-        manifest = verify_dir(local)
-        manifest_bytes = (local / MANIFEST).read_bytes()
-        entry = self._entry(model, recipe, artifact_id)
-        for rel, meta in manifest["files"].items():
+        for rel, meta in read_manifest(local)["files"].items():  # before hashing gigabytes
             if meta["size"] > MAX_PUT_BYTES:
                 raise BadInput(f"{rel} is {meta['size']} bytes; files over 5 GiB cannot be published "
                                "(shard the safetensors files)")
+        manifest = verify_dir(local)
+        manifest_bytes = (local / MANIFEST).read_bytes()
+        entry = self._entry(model, recipe, artifact_id)
 
         with self._errors(f"publish {entry.uri}"):
             existing = self._read_manifest(entry)
@@ -313,8 +313,9 @@ class Registry:
         files = manifest["files"]
         prefix = self._key(entry) + "/"
         present = {k[len(prefix):] for k, _ in self._keys(prefix)}
-        for rel in sorted(present - set(files) - {MANIFEST}):
-            raise IntegrityError(f"{rel}: stored in {entry.uri} but not listed in its manifest")
+        unlisted = sorted(present - set(files) - {MANIFEST})
+        if unlisted:
+            raise IntegrityError(f"{unlisted[0]}: stored in {entry.uri} but not listed in its manifest")
         for rel, meta in sorted(files.items()):
             if rel not in present:
                 raise IntegrityError(f"{rel}: listed in the manifest of {entry.uri} but missing from S3")
@@ -345,7 +346,10 @@ class Registry:
             if _code(e) in ("NoSuchKey", "404", "NotFound"):
                 return None, None
             raise
-        return json.loads(r["Body"].read()), r["ETag"]
+        try:
+            return json.loads(r["Body"].read()), r["ETag"]
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise IntegrityError(f"alias {alias!r} of {model}/{recipe} in {self.uri} is not valid JSON") from None
 
     def _move_alias(self, entry: Entry, alias: str, attempts: int = 10) -> None:
         """Read-modify-write with If-Match/If-None-Match; on a lost race re-read and try again."""
@@ -390,10 +394,13 @@ class Registry:
         """{entry uri: [alias, ...]} across the registry."""
         by_uri: dict[str, list[str]] = {}
         prefix = self.loc.key("aliases") + "/"
-        pairs = {tuple(k[len(prefix):].split("/")[:2]) for k, _ in self._keys(prefix) if k.count("/") >= 2}
-        for model, recipe in sorted(p for p in pairs if len(p) == 2):
-            for alias, uri in self._aliases_of(model, recipe).items():
-                by_uri.setdefault(uri, []).append(alias)
+        for key, _ in self._keys(prefix):
+            parts = key[len(prefix):].split("/")
+            if len(parts) == 3 and parts[2].endswith(".json"):
+                alias = parts[2][:-len(".json")]
+                pointer = self._read_alias(parts[0], parts[1], alias)[0]
+                if pointer:
+                    by_uri.setdefault(pointer["uri"], []).append(alias)
         return by_uri
 
     # --- internals: S3 primitives ---------------------------------------------------------------

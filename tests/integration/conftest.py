@@ -1,0 +1,83 @@
+"""Shared fixtures for integration tests that need real servers.
+
+One SeaweedFS S3 server per test session, started through `services.ensure_s3()` exactly as the CLI
+does, with every cache and services location inside a pytest temp dir. The environment is restored and
+the server stopped when the session ends.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from squeezeflow import services
+from squeezeflow.registry import Registry
+
+# Anything that would point the embedded-server logic or boto3 somewhere else.
+_FOREIGN_VARS = (*services.S3_ENDPOINT_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "SQUEEZEFLOW_REGISTRY")
+
+
+def reset_boto3_session() -> None:
+    """boto3's default session caches credentials; tests that change them must drop it."""
+    if "boto3" in sys.modules:
+        sys.modules["boto3"].DEFAULT_SESSION = None
+
+
+class EnvSnapshot:
+    """Restore os.environ and the services module's notion of what it exported."""
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ)
+        self.exported = (services._exported_s3, services._exported_prefect)
+
+    def restore(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.env)
+        services._exported_s3, services._exported_prefect = self.exported
+        reset_boto3_session()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A running embedded SeaweedFS; this process's environment points at it (endpoint + credentials)."""
+    root = tmp_path_factory.mktemp("squeezeflow")
+    snapshot = EnvSnapshot()
+    for var in _FOREIGN_VARS:
+        os.environ.pop(var, None)
+    os.environ["SQUEEZEFLOW_CACHE"] = str(root / "cache")
+    os.environ["SQUEEZEFLOW_SERVICES"] = str(root / "services")
+    reset_boto3_session()
+    try:
+        info = services.ensure_s3()
+        yield {**info, "services_dir": root / "services"}
+    finally:
+        try:
+            services.stop()
+        finally:
+            snapshot.restore()
+
+
+@pytest.fixture
+def fresh_services(s3_server: dict, tmp_path: Path) -> Iterator[Path]:
+    """A second, empty services dir for tests that start/stop their own servers; fully undone after."""
+    snapshot = EnvSnapshot()
+    path = tmp_path / "services"
+    os.environ["SQUEEZEFLOW_SERVICES"] = str(path)
+    try:
+        yield path
+    finally:
+        try:
+            services.stop()
+        finally:
+            snapshot.restore()
+
+
+@pytest.fixture
+def registry(s3_server: dict) -> Registry:
+    """An empty registry: a fresh prefix in the embedded server's bucket."""
+    return Registry(f"s3://{s3_server['bucket']}/test-{uuid.uuid4().hex[:10]}")
