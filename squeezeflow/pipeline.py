@@ -6,10 +6,10 @@ every cache key: bump a stage's version when its output for the same inputs chan
 """
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -200,14 +200,27 @@ def library_versions() -> dict:
 
 def code_version() -> dict:
     """Package version, stage versions and, in a checkout, the git commit of the code that ran."""
-    commit = None
+    return {"squeezeflow": __version__, "stages": STAGE_VERSIONS, "git_commit": git_commit()}
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """HEAD of the checkout this code runs from, read from .git directly (no subprocess: under load a
+    `git` call can time out, and a missing commit would make otherwise identical manifests differ)."""
+    git = Path(__file__).resolve().parent.parent / ".git"
     try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
         pass
-    return {"squeezeflow": __version__, "stages": STAGE_VERSIONS, "git_commit": commit}
+    return None
 
 
 def eval_protocol(model: ModelInfo, spec: EvalSpec) -> dict[str, tuple[torch.Tensor, dict]]:

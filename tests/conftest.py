@@ -1,0 +1,60 @@
+"""Suite-wide set-up: shared read-only caches, isolated writable state, and model fixtures.
+
+The prepared model and corpora are reused from the normal cache (built on first use on a fresh
+machine); the artifact store, scratch space and services of a test session live in a temp dir, so tests
+never touch a user's store or registry.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from squeezeflow import settings
+
+os.environ.setdefault("SQUEEZEFLOW_MODELS", str(settings.models_dir()))
+os.environ.setdefault("SQUEEZEFLOW_CORPORA", str(settings.corpora_dir()))
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="squeezeflow-tests-"))
+os.environ["SQUEEZEFLOW_STORE"] = str(_SESSION_TMP / "store")
+os.environ["SQUEEZEFLOW_SCRATCH"] = str(_SESSION_TMP / "scratch")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> Path:
+    """The real SmolLM2-135M, prepared (GGUF -> fp32 safetensors) once per machine."""
+    from squeezeflow.models import prepare_model
+
+    return prepare_model("smollm2-135m").path
+
+
+def make_tiny_llama(dest: Path, tokenizer_src: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer: real tokenization, millisecond forwards."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, dtype="float32")
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm_path: Path, tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", smollm_path)
+
+
+@pytest.fixture(scope="session")
+def smollm_truncated(smollm_path: Path, tmp_path_factory) -> Path:
+    """SmolLM2 cut to its first 3 decoder blocks: real weights, quick to run."""
+    from squeezeflow.models import truncate_model
+
+    return truncate_model(smollm_path, tmp_path_factory.mktemp("smol") / "smollm2-3l", 3).path
