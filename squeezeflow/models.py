@@ -124,20 +124,9 @@ def resolve_model(ref: str) -> ResolvedModel:
     if ref in KNOWN_MODELS:
         return prepare_model(ref)
     if ref.startswith("s3://") or "@" in ref:
-        from .registry import Registry, default_registry_uri
-
-        registry = Registry(ref.split("/models/")[0] if ref.startswith("s3://") and "/models/" in ref
-                            else default_registry_uri())
-        uri = registry.resolve(ref)
-        from .settings import scratch_dir
-        import hashlib
-
-        dest = scratch_dir() / "pulled" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-        if not (dest / "manifest.json").exists():
-            registry.pull(uri, dest)
-        manifest = json.loads((dest / "manifest.json").read_text())
-        return ResolvedModel(f"{manifest.get('model', 'model')}-{manifest.get('recipe', 'artifact')}",
-                             dest, fingerprint_dir(dest)[0])
+        path = pull_artifact(ref)
+        manifest = json.loads((path / "manifest.json").read_text())
+        return ResolvedModel(f"{manifest['model']}-{manifest['recipe']}", path, fingerprint_dir(path)[0])
     path = Path(ref).expanduser()
     if not path.exists():
         raise BadInput(f"model path {ref!r} does not exist (give a known name: {', '.join(KNOWN_MODELS)}, "
@@ -151,6 +140,34 @@ def resolve_model(ref: str) -> ResolvedModel:
     fp_file = path / FINGERPRINT_FILE
     fingerprint = json.loads(fp_file.read_text())["fingerprint"] if fp_file.exists() else fingerprint_dir(path)[0]
     return ResolvedModel(path.name, path, fingerprint)
+
+
+def pull_artifact(ref: str) -> Path:
+    """A registry entry (s3:// URI or model/recipe@alias) as a verified local directory (cached)."""
+    import hashlib
+
+    from .registry import open_registry, verify_dir
+    from .settings import scratch_dir
+
+    # An entry URI names its registry: s3://bucket/prefix/models/<model>/<recipe>/<id>.
+    registry = open_registry(ref.split("/models/")[0] if ref.startswith("s3://") and "/models/" in ref else None)
+    uri = registry.resolve(ref)
+    dest = scratch_dir() / "pulled" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (dest / "manifest.json").exists():
+        verify_dir(dest)  # a cached copy is trusted only if it still matches its manifest
+        return dest
+    return registry.pull(uri, dest)
+
+
+def load(ref: str, dtype: torch.dtype = torch.float32):
+    """Load a published artifact (s3:// URI, model/recipe@alias) or a local artifact directory, after
+    verifying every file against its manifest."""
+    from .registry import verify_dir
+
+    path = Path(ref) if Path(ref).is_dir() else pull_artifact(ref)
+    if (path / "manifest.json").exists():
+        verify_dir(path)
+    return load_model(path, dtype)
 
 
 def load_config(path: Path, trust_remote_code: bool = False):

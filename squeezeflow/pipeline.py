@@ -251,6 +251,9 @@ def evaluate(store: ArtifactStore, model: ModelInfo, packed: Ref | None, spec: E
     path = store.materialize(packed) if packed is not None else Path(model.path)
     torch.manual_seed(0)
     net = load_model(path, torch.float32, model.trust_remote_code)
+    for module in net.modules():  # decode each packed weight once, not on every forward
+        if hasattr(module, "cache_dequantized"):
+            module.cache_dequantized = True
     metrics = {"recipe": recipe, "uri": None, "perplexity": {}, "kl": {}, "accuracy": {}, "speed": {},
                "protocol": {"evaluation": {}}}
     for split, (windows, protocol) in eval_protocol(model, spec).items():

@@ -166,6 +166,7 @@ class Registry:
                 path, _, alias = ref.partition("@")
                 model, recipe = _split_ref(ref, path, 2)
                 alias = alias or "latest"
+                _check_name("alias", alias)
                 pointer = self._read_alias(model, recipe, alias)[0]
                 if pointer is None:
                     known = sorted(self._aliases_of(model, recipe))
@@ -180,6 +181,9 @@ class Registry:
 
     def list(self, model: str | None = None, recipe: str | None = None) -> list[dict[str, Any]]:
         """Complete entries (manifest present), oldest first, with their aliases and metrics."""
+        for label, name in (("model", model), ("recipe", recipe)):
+            if name is not None:
+                _check_name(label, name)
         sub = "/".join(p for p in ("models", model, recipe if model else None) if p)
         with self._errors(f"list {self.uri}"):
             manifests = [(k, lm) for k, lm in self._keys(self.loc.key(sub) + "/")
@@ -188,8 +192,8 @@ class Registry:
             out = []
             for key, modified in manifests:
                 rel = key[len(self.loc.key("models")) + 1:].split("/")
-                if len(rel) != 4:  # models/<model>/<recipe>/<id>/manifest.json only
-                    continue
+                if len(rel) != 4 or not all(_NAME.match(p) for p in rel[:3]):
+                    continue  # only models/<model>/<recipe>/<id>/manifest.json is an entry
                 entry = self._entry(rel[0], rel[1], rel[2])
                 if recipe and entry.recipe != recipe:
                     continue

@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Container, Iterator
 
 from . import settings
 from .errors import BadInput
@@ -43,6 +43,7 @@ SERVICES = ("seaweedfs", "prefect")
 BUCKET = "squeezeflow"
 REGION = "us-east-1"
 S3_ENDPOINT_VARS = ("SQUEEZEFLOW_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_READY_KEY = ".squeezeflow/ready"  # written and read back once per server start
 
 # Popen handles of servers this process started: keeping them lets stop() reap the child, so it does not
 # linger as a zombie that still answers kill(pid, 0).
@@ -143,6 +144,9 @@ def stop(name: str | None = None, timeout: float = 15.0) -> dict[str, bool]:
         raise BadInput(f"unknown service {name!r}; choose one of: {', '.join(SERVICES)}")
     result = {}
     for n in ([name] if name else SERVICES):
+        if not _read_state(n).get("pid"):
+            result[n] = False  # never started (or already stopped): touch nothing on disk
+            continue
         with _lock(n):
             result[n] = _stop_locked(n, _read_state(n), timeout)
     return result
@@ -198,7 +202,7 @@ def _export_s3_env(state: dict, creds: dict[str, str]) -> None:
     _exported_s3 = os.environ["SQUEEZEFLOW_S3_ENDPOINT"] = _s3_url(state)
     os.environ["AWS_ACCESS_KEY_ID"] = creds["access_key_id"]
     os.environ["AWS_SECRET_ACCESS_KEY"] = creds["secret_access_key"]
-    os.environ.setdefault("AWS_REGION", REGION)
+    os.environ["AWS_REGION"] = REGION
     # A session token belongs to some other credentials and would make every request fail signature checks.
     os.environ.pop("AWS_SESSION_TOKEN", None)
     # boto3's default session caches the first credentials it resolved; drop it so ours are used.
@@ -244,12 +248,17 @@ def _start_seaweedfs(creds: dict[str, str], timeout: float) -> dict:
     # S3 auth is enforced from the first request: the identity file is loaded before the port opens.
     state = _spawn("seaweedfs", cmd, _child_env(), cwd=data, ports=ports)
     _export_s3_env(state, creds)
-    _wait_ready("seaweedfs", state, timeout, lambda: _s3_probe(state) == "ok")
+    _wait_ready("seaweedfs", state, timeout, lambda: _s3_probe(state, roundtrip=True) == "ok")
     return state
 
 
-def _s3_probe(state: dict) -> str:
-    """'ok' when the S3 port answers, our credentials are accepted and the bucket exists (made if not)."""
+def _s3_probe(state: dict, roundtrip: bool = False) -> str:
+    """'ok' when S3 answers, accepts our credentials and has the bucket (made if missing).
+
+    With `roundtrip`, also write and read back a marker object: right after a (re)start the S3 port and
+    the bucket answer before the volume server has registered with the master, and until then reads of
+    existing objects fail with InternalError.
+    """
     if not _http_ok(_s3_url(state) + "/healthz"):
         return "down"
     from botocore.exceptions import BotoCoreError, ClientError
@@ -258,19 +267,20 @@ def _s3_probe(state: dict) -> str:
 
     c = client(connect_timeout=2.0, max_attempts=1)
     try:
-        c.head_bucket(Bucket=BUCKET)
-        return "ok"
+        try:
+            c.head_bucket(Bucket=BUCKET)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+            # -bucket normally creates it; this covers a probe that raced the creation at start-up.
+            with contextlib.suppress(c.exceptions.BucketAlreadyOwnedByYou, c.exceptions.BucketAlreadyExists):
+                c.create_bucket(Bucket=BUCKET)
+        if roundtrip:
+            c.put_object(Bucket=BUCKET, Key=_READY_KEY, Body=b"ready")
+            if c.get_object(Bucket=BUCKET, Key=_READY_KEY)["Body"].read() != b"ready":
+                return "not ready"
     except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code not in ("404", "NoSuchBucket", "NotFound"):
-            return f"error {code}"
-    except (BotoCoreError, OSError):
-        return "down"
-    try:  # -bucket normally creates it; this covers a start that raced the bucket creation
-        c.create_bucket(Bucket=BUCKET)
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            return "error create_bucket"
+        return f"error {e.response.get('Error', {}).get('Code', '')}"
     except (BotoCoreError, OSError):
         return "down"
     return "ok"
@@ -375,11 +385,12 @@ def _spawn(name: str, cmd: list[str], env: dict[str, str], cwd: Path, ports: dic
     return state
 
 
-def _wait_ready(name: str, state: dict, timeout: float, ready) -> None:
+def _wait_ready(name: str, state: dict, timeout: float, ready: Callable[[], bool]) -> None:
     deadline = time.monotonic() + timeout
     proc = _spawned.get(name)
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
+            _spawned.pop(name, None)
             _forget_pid(name)
             raise ServiceError(f"embedded {name} server exited with status {proc.returncode} during start-up; "
                                f"see {_log_path(name)}")
@@ -490,7 +501,7 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def _free_ports(n: int, avoid: set[int] = frozenset()) -> list[int]:
+def _free_ports(n: int, avoid: Container[int] = ()) -> list[int]:
     """n distinct free loopback ports (all sockets stay open while choosing, so they differ)."""
     socks, ports = [], []
     try:
