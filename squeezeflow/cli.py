@@ -168,6 +168,33 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Re-evaluate a published (or local) artifact with the protocol recorded in its manifest."""
+    from . import pipeline
+    from .config import EvalSpec
+    from .models import pull_artifact
+    from .registry import verify_dir
+
+    path = Path(args.artifact) if Path(args.artifact).is_dir() else pull_artifact(args.artifact)
+    manifest = verify_dir(path)
+    recorded = manifest["metrics"]
+    protocols = recorded["protocol"]["evaluation"]
+    first = next(iter(protocols.values()))
+    spec = EvalSpec(splits=tuple(protocols), seqlen=first["seqlen"],
+                    max_windows=args.eval_windows or max(p["windows"] for p in protocols.values()))
+    info = pipeline.ModelInfo(ref=args.artifact, name=manifest["model"], path=str(path), fingerprint="-",
+                              num_layers=0)
+    metrics = pipeline.evaluate_path(path, info, spec, manifest["recipe"])
+    metrics["uri"] = args.artifact
+    if args.json:
+        _print_json({"results": [metrics], "recorded": recorded})
+    else:
+        for split, ppl in metrics["perplexity"].items():
+            print(f"{split}: perplexity {ppl:.4f} (recorded {recorded['perplexity'].get(split, float('nan')):.4f})")
+        print(f"bits/weight {metrics['bits_per_weight']:.3f}, size {metrics['size_bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
 def _registry(args):
     from . import pipeline
     from .registry import Registry
@@ -256,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-publish", action="store_true")
     _run_flags(comp)
     comp.set_defaults(fn=cmd_compress)
+
+    ev = sub.add_parser("eval", help="re-evaluate an artifact with the protocol in its manifest")
+    ev.add_argument("artifact", help="local artifact dir, s3:// entry URI or model/recipe@alias")
+    ev.add_argument("--eval-windows", type=int, help="override the number of windows per split")
+    ev.set_defaults(fn=cmd_eval)
 
     reg = sub.add_parser("registry", help="list, show, pull, promote artifacts")
     reg.add_argument("action", choices=["list", "show", "pull", "promote"])

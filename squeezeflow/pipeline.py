@@ -244,11 +244,16 @@ def eval_protocol(model: ModelInfo, spec: EvalSpec) -> dict[str, tuple[torch.Ten
 def evaluate(store: ArtifactStore, model: ModelInfo, packed: Ref | None, spec: EvalSpec, recipe: str) -> Ref:
     """Perplexity of the PACKED model loaded back through from_pretrained (or of the base model when
     `packed` is None), plus size and effective bits from the bytes written."""
+    path = store.materialize(packed) if packed is not None else Path(model.path)
+    return store.put_json(evaluate_path(path, model, spec, recipe), kind="metrics")
+
+
+def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> dict:
+    """Metrics (ARCHITECTURE.md schema) of the checkpoint directory `path`; `model` supplies the tokenizer."""
     from .evaluation.perplexity import perplexity
     from .evaluation.size import size_report
     from .models import load_model
 
-    path = store.materialize(packed) if packed is not None else Path(model.path)
     torch.manual_seed(0)
     net = load_model(path, torch.float32, model.trust_remote_code)
     for module in net.modules():  # decode each packed weight once, not on every forward
@@ -260,8 +265,8 @@ def evaluate(store: ArtifactStore, model: ModelInfo, packed: Ref | None, spec: E
         result = perplexity(net, windows)
         metrics["perplexity"][split] = round(result["perplexity"], 6)
         metrics["protocol"]["evaluation"][split] = protocol
-    metrics.update(size_report(path, target_linears(Path(model.path), model.trust_remote_code)))
-    return store.put_json(metrics, kind="metrics")
+    metrics.update(size_report(path, target_linears(path, model.trust_remote_code)))
+    return metrics
 
 
 def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, StatsRef], blocks: list[Ref],
