@@ -128,7 +128,7 @@ def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: R
             tensors[f"{name}.{field}"] = t
         if f"{name}.bias" in weights:
             tensors[f"{name}.bias"] = weights[f"{name}.bias"]
-    meta = {"block": str(block), "layers": json.dumps(layers, sort_keys=True)}
+    meta = {"layers": json.dumps(layers, sort_keys=True)}  # ONE key: safetensors writes >1 in random order
     return store.put_tensors(tensors, kind="compressed-block", metadata=meta)
 
 
@@ -321,20 +321,14 @@ def publish(store: ArtifactStore, artifact: Ref, registry_uri: str) -> dict:
 
 
 def registry_for(uri: str | None) -> str:
-    """The registry to publish to, checked reachable now (preflight). Empty = the embedded server."""
+    """The registry to publish to (empty = SQUEEZEFLOW_REGISTRY, else the embedded server), checked
+    reachable now, as part of preflight."""
+    from .registry import open_registry
     from .s3 import check_reachable
-    from .settings import registry_uri
 
-    uri = uri or registry_uri()
-    if not uri:
-        from .services import embedded_registry_uri, ensure_s3
-
-        ensure_s3()
-        uri = embedded_registry_uri()
-    if not uri.startswith("s3://"):
-        raise BadInput(f"registry must be an s3:// URI, got {uri!r}")
-    check_reachable(uri)
-    return uri
+    registry = open_registry(uri or None)
+    check_reachable(registry.uri)
+    return registry.uri
 
 
 def summarize(store: ArtifactStore, artifact: Ref, entry: dict | None, wall_s: float) -> dict:
