@@ -195,6 +195,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    """Register the compress flow as a deployment on a process work pool of the configured server."""
+    _quiet_prefect_env()
+    from .services import ensure_prefect
+
+    api = ensure_prefect()
+    from .flows.deployments import deploy_compress
+
+    deployment_id = deploy_compress(pool=args.pool, cron=args.cron)
+    out = {"deployment_id": deployment_id, "pool": args.pool, "api_url": api}
+    if args.json:
+        _print_json(out)
+    else:
+        print(f"deployment compress/compress ({deployment_id}) on pool {args.pool}; "
+              f"start a worker: prefect worker start --pool {args.pool} --type process")
+    return 0
+
+
 def _registry(args):
     from . import pipeline
     from .registry import Registry
@@ -288,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("artifact", help="local artifact dir, s3:// entry URI or model/recipe@alias")
     ev.add_argument("--eval-windows", type=int, help="override the number of windows per split")
     ev.set_defaults(fn=cmd_eval)
+
+    dep = sub.add_parser("deploy", help="register the compress flow as a Prefect deployment")
+    dep.add_argument("--pool", default="squeezeflow-process", help="process work pool (created if missing)")
+    dep.add_argument("--cron", help="optional schedule, e.g. '0 3 * * *'")
+    dep.set_defaults(fn=cmd_deploy)
 
     reg = sub.add_parser("registry", help="list, show, pull, promote artifacts")
     reg.add_argument("action", choices=["list", "show", "pull", "promote"])
