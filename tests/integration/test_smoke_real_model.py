@@ -6,15 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import squeezeflow
 from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.config import CalibrationSpec, EvalSpec
 from squeezeflow.evaluation.perplexity import perplexity
 from squeezeflow.registry import open_registry
 
-from prefect_fixtures import prefect_server, shared_inputs  # noqa: F401  (fixtures)
+from prefect_fixtures import prefect_server, run_flow_in_child, shared_inputs  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.smoke]
 
@@ -24,13 +23,11 @@ EVAL = EvalSpec(seqlen=128, max_windows=4)
 
 @pytest.fixture(scope="module")
 def published(prefect_server, s3_server, smollm_truncated, tmp_path_factory):
-    from squeezeflow.flows.compress import Destinations, compress_flow
-
     store = tmp_path_factory.mktemp("smoke-store")
-    result = compress_flow(model=ModelRef(ref=str(smollm_truncated)), recipe="rtn-w3g64", calibration=CALIB,
-                           evaluation=EVAL, destinations=Destinations(store=str(store)))
-    return result
-
+    params = {"model": {"ref": str(smollm_truncated)}, "recipe": "rtn-w3g64",
+              "calibration": CALIB.model_dump(mode="json"), "evaluation": EVAL.model_dump(mode="json"),
+              "destinations": {"store": str(store)}}
+    return run_flow_in_child(params, tmp_path_factory.mktemp("smoke-run"))["result"]
 
 def test_flow_publishes_with_metrics_schema(published):
     base, art = published["results"]

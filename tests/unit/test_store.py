@@ -58,3 +58,20 @@ def test_tree_rejects_escaping_paths(tmp_path):
 
 def test_canonical_json_is_order_independent():
     assert canonical_json({"b": 1, "a": [1, 2]}) == canonical_json({"a": [1, 2], "b": 1})
+
+
+def test_safetensors_header_is_canonical(tmp_path):
+    from safetensors.torch import load, save
+
+    from squeezeflow.store import canonical_safetensors
+
+    t = {"x": torch.arange(5.0), "y": torch.ones(3, dtype=torch.int32)}
+    meta = {f"k{i}": str(i) for i in range(12)}
+    outs = {canonical_safetensors(save(t, metadata=dict(reversed(list(meta.items())) if i % 2 else meta.items())))
+            for i in range(6)}
+    assert len(outs) == 1
+    data = outs.pop()
+    assert int.from_bytes(data[:8], "little") % 8 == 0
+    assert torch.equal(load(data)["x"], t["x"]) and torch.equal(load(data)["y"], t["y"])
+    store = LocalStore(tmp_path)
+    assert store.get_tensors_metadata(store.put_tensors(t, "x", metadata=meta)) == meta
