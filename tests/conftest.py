@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from squeezeflow import settings
+from sf_testing import make_tiny_llama
 
 os.environ.setdefault("SQUEEZEFLOW_MODELS", str(settings.models_dir()))
 os.environ.setdefault("SQUEEZEFLOW_CORPORA", str(settings.corpora_dir()))
@@ -31,21 +32,6 @@ def smollm_path() -> Path:
     from squeezeflow.models import prepare_model
 
     return prepare_model("smollm2-135m").path
-
-
-def make_tiny_llama(dest: Path, tokenizer_src: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
-    """A tiny random Llama with the SmolLM2 tokenizer: real tokenization, millisecond forwards."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True, dtype="float32")
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(dest, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(dest)
-    return dest
-
 
 @pytest.fixture(scope="session")
 def tiny_model(smollm_path: Path, tmp_path_factory) -> Path:

@@ -7,7 +7,6 @@ the server stopped when the session ends.
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -16,30 +15,11 @@ import pytest
 
 from squeezeflow import services
 from squeezeflow.registry import Registry
+from sf_testing import EnvSnapshot, reset_boto3_session
 
 # Anything that would point the embedded-server logic or boto3 somewhere else.
 _FOREIGN_VARS = (*services.S3_ENDPOINT_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "SQUEEZEFLOW_REGISTRY")
-
-
-def reset_boto3_session() -> None:
-    """boto3's default session caches credentials; tests that change them must drop it."""
-    if "boto3" in sys.modules:
-        sys.modules["boto3"].DEFAULT_SESSION = None
-
-
-class EnvSnapshot:
-    """Restore os.environ and the services module's notion of what it exported."""
-
-    def __init__(self) -> None:
-        self.env = dict(os.environ)
-        self.exported = (services._exported_s3, services._exported_prefect)
-
-    def restore(self) -> None:
-        os.environ.clear()
-        os.environ.update(self.env)
-        services._exported_s3, services._exported_prefect = self.exported
-        reset_boto3_session()
 
 
 @pytest.fixture(scope="session")

@@ -27,25 +27,10 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from squeezeflow import services
+from sf_testing import EnvSnapshot, make_tiny_llama
 
 SHARED_CACHE = Path.home() / ".cache" / "squeezeflow"
 TINY_LAYERS = 4
-
-
-class EnvSnapshot:
-    """Restore os.environ and what the services module believes it exported (as conftest.py does; not
-    imported from there because conftest modules are not meant to be imported)."""
-
-    def __init__(self) -> None:
-        self.env = dict(os.environ)
-        self.exported = (services._exported_s3, services._exported_prefect)
-
-    def restore(self) -> None:
-        os.environ.clear()
-        os.environ.update(self.env)
-        services._exported_s3, services._exported_prefect = self.exported
-        if "boto3" in sys.modules:
-            sys.modules["boto3"].DEFAULT_SESSION = None
 
 
 def _refresh_prefect_settings() -> None:
@@ -128,22 +113,10 @@ def prefect_server(s3_server: dict) -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="session")
 def tiny_llama(shared_inputs: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 4-block Llama (hidden 64) with the SmolLM2 tokenizer, as an HF safetensors directory."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     from squeezeflow.models import prepare_model
 
-    smol = prepare_model("smollm2-135m").path
-    tokenizer = AutoTokenizer.from_pretrained(smol)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=TINY_LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    out = tmp_path_factory.mktemp("tiny-llama") / "tiny-llama"
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama") / "tiny-llama", prepare_model("smollm2-135m").path,
+                           num_layers=TINY_LAYERS)
 
 
 # --- worker ---------------------------------------------------------------------------------------
