@@ -57,10 +57,9 @@ def cmd_data_prepare(args) -> int:
 
 
 def _specs(args):
-    from .config import CalibrationSpec, EvalSpec, ModelRef
     from pydantic import ValidationError
 
-    from .config import one_line
+    from .config import CalibrationSpec, EvalSpec, ModelRef, one_line
 
     try:
         calib_kwargs = {k: v for k, v in {"source": args.calibration, "n_samples": args.calib_samples,
