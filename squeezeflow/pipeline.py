@@ -22,9 +22,9 @@ from .errors import BadInput
 from .methods import get_method
 from .models import LayerStream, decoder_linears, load_config, load_tokenizer, resolve_model
 from .stats import StatsRef
-from .store import ArtifactStore, Ref, canonical_json, sha256_bytes
+from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "1", "saliency": "1", "compress": "1", "pack": "1", "evaluate": "1", "publish": "1"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "1", "publish": "1"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -144,7 +144,7 @@ def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor 
 
 def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Ref]) -> Ref:
     """Bit-pack every compressed block into the kernel format and write an HF-loadable directory."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .kernels.formats import packed_tensors
 
@@ -170,7 +170,7 @@ def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Re
             tensors[f"{prefix}.{k}"] = v
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        (out / "model.safetensors").write_bytes(canonical_safetensors(save(tensors, metadata={"format": "pt"})))
         config = json.loads((src / "config.json").read_text())
         config["quantization_config"] = {"quant_method": "squeezeflow", "format_version": FORMAT_VERSION,
                                          "recipe": recipe.name, "modules": modules}

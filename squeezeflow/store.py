@@ -46,6 +46,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with a canonical header (sorted keys, compact JSON).
+
+    safetensors keeps `__metadata__` in a hash map, so two saves of identical tensors can order it
+    differently; rewriting the header makes equal content give equal bytes (and equal hashes)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
+
+
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON bytes: sorted keys, no whitespace variance, trailing newline."""
     return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
@@ -76,7 +90,7 @@ class ArtifactStore:
 
         # safetensors orders tensors by dtype then name; contiguous copies make the bytes deterministic.
         data = save({k: v.detach().contiguous().cpu() for k, v in sorted(tensors.items())}, metadata=metadata)
-        return self.put_bytes(data, kind)
+        return self.put_bytes(canonical_safetensors(data), kind)
 
     def put_file(self, path: str | os.PathLike, kind: str) -> Ref:
         return self.put_bytes(Path(path).read_bytes(), kind)

@@ -76,6 +76,14 @@ def test_pulled_artifact_loads_generates_and_matches_report(published, smollm_tr
 def test_alias_resolves_and_prefect_table_artifact_exists(published):
     uri = published["artifact"]["uri"]
     assert open_registry().resolve("smollm2-3l/rtn-w3g64@latest") == uri
+    # A ModelRef may be an alias or an entry URI: both resolve to the same verified local copy.
+    from squeezeflow.models import resolve_model
+
+    by_alias, by_uri = resolve_model("smollm2-3l/rtn-w3g64@latest"), resolve_model(uri)
+    assert by_alias.path == by_uri.path and (by_alias.path / "manifest.json").is_file()
+    assert by_alias.fingerprint == by_uri.fingerprint
+    model = squeezeflow.load("smollm2-3l/rtn-w3g64@latest")
+    assert type(model.model.layers[2].mlp.down_proj).__name__ == "QuantLinear"
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
