@@ -3,6 +3,7 @@ evaluate -> publish. Every task is cached on its inputs, so a run that crashed r
 """
 from __future__ import annotations
 
+import re
 import time
 
 from prefect import flow, get_run_logger
@@ -14,7 +15,7 @@ from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.settings import store_uri as default_store_uri
 from squeezeflow.store import open_store
 from squeezeflow.tasks.calibrate import calibrate
-from squeezeflow.tasks.compress import compress_block
+from squeezeflow.tasks.compress import compress_block, compress_sequential
 from squeezeflow.tasks.evaluate import evaluate
 from squeezeflow.tasks.pack import pack
 from squeezeflow.tasks.publish import assemble, publish
@@ -27,6 +28,28 @@ class Destinations(BaseModel):
     store: str = Field("", description="Artifact store: local directory or s3://bucket/prefix")
     registry: str = Field("", description="Registry: s3://bucket/prefix; empty = embedded SeaweedFS")
     publish: bool = True
+
+
+def compress_recipe(store: str, plan: pipeline.Plan, calib, stats: dict, baseline, registry: str | None):
+    """compress -> pack -> evaluate -> assemble -> publish for one recipe, given the shared stages'
+    outputs. Called inside a flow (this one or the sweep); returns (artifact ref, registry entry)."""
+    m = plan.model
+    # Only the statistics this recipe declared: same cache keys and lineage as a single-recipe run.
+    stats = {k: v for k, v in stats.items() if k in plan.statistics}
+    if plan.sequential:
+        blocks = compress_sequential(store, m, plan.recipe, calib, stats)
+    else:  # layer-wise: one task per block, so a crash loses at most one block and a cluster can fan out
+        futures = [compress_block.submit(store, m, i, plan.recipe, stats) for i in range(m.num_layers)]
+        blocks = [f.result() for f in futures]
+    packed = pack(store, m, plan.recipe, blocks)
+    metrics = evaluate(store, m, packed, plan.evaluation, plan.recipe.name)
+    artifact = assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
+    entry = publish(store, artifact, registry) if registry else None
+    return artifact, entry
+
+
+def table_artifact_key(prefix: str, name: str) -> str:
+    return f"{prefix}-{re.sub(r'[^a-z0-9-]', '-', name.lower())}"
 
 
 @flow(name="compress", log_prints=True, persist_result=False)
@@ -48,15 +71,10 @@ def compress_flow(
 
     calib = calibrate(store, m, plan.calibration)
     stats = saliency(store, m, calib, plan.statistics)
-    futures = [compress_block.submit(store, m, i, plan.recipe, stats) for i in range(m.num_layers)]
-    blocks = [f.result() for f in futures]
-    packed = pack(store, m, plan.recipe, blocks)
-    metrics = evaluate(store, m, packed, plan.evaluation, plan.recipe.name)
     baseline = evaluate(store, m, None, plan.evaluation, "fp32")
-    artifact = assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
-    entry = publish(store, artifact, registry) if registry else None
+    artifact, entry = compress_recipe(store, plan, calib, stats, baseline, registry)
 
     result = pipeline.summarize(open_store(store), artifact, entry, time.perf_counter() - started)
-    create_table_artifact(key=f"compress-{plan.recipe.name.replace('.', '-').replace(':', '-')}",
+    create_table_artifact(key=table_artifact_key("compress", plan.recipe.name),
                           table=pipeline.table_rows(result), description=f"{m.name} · {plan.recipe.name}")
     return result

@@ -77,11 +77,7 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
 
     for r in recipes:  # fail fast, before any server starts
         pipeline.preflight(model_ref, r, calib, evaluation)
-    registry_uri = pipeline.registry_for(registry) if publish else None
-    _quiet_prefect_env()
-    from .services import ensure_prefect
-
-    ensure_prefect()
+    registry_uri = _start_servers(registry, publish)
     from .flows.compress import Destinations, compress_flow
 
     results = []
@@ -92,6 +88,43 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
         out["wall_s"] = round(time.perf_counter() - started, 2)
         results.append(out)
     return results
+
+
+def _start_servers(registry: str | None, publish: bool) -> str | None:
+    """The registry (checked reachable) and the Prefect API, embedded ones when nothing is configured."""
+    from . import pipeline
+
+    registry_uri = pipeline.registry_for(registry) if publish else None
+    _quiet_prefect_env()
+    from .services import ensure_prefect
+
+    ensure_prefect()
+    return registry_uri
+
+
+def cmd_sweep(args) -> int:
+    """Many recipes, one flow run: shared calibration, statistics and baseline; a comparison table."""
+    from . import pipeline
+    from .evaluation.comparison import comparison_files
+
+    model_ref, calib, evaluation = _specs(args)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not recipes:
+        raise BadInput("--recipes needs at least one recipe")
+    for r in recipes:
+        pipeline.preflight(model_ref, r, calib, evaluation)
+    registry_uri = _start_servers(args.registry, not args.no_publish)
+    from .flows.compress import Destinations
+    from .flows.sweep import sweep_flow
+
+    out = sweep_flow(model=model_ref, recipes=recipes, calibration=calib, evaluation=evaluation,
+                     destinations=Destinations(store=args.store or "", registry=registry_uri or "",
+                                               publish=not args.no_publish))
+    if args.json:
+        _print_json({"results": out["results"]})
+    else:
+        print(comparison_files(out["results"])["comparison.md"].decode(), end="")
+    return 0
 
 
 def _table(results: list[dict]) -> str:
@@ -310,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--pool", default="squeezeflow-process", help="process work pool (created if missing)")
     dep.add_argument("--cron", help="optional schedule, e.g. '0 3 * * *'")
     dep.set_defaults(fn=cmd_deploy)
+
+    sw = sub.add_parser("sweep", help="many recipes on one model, one flow run, one comparison table")
+    sw.add_argument("model")
+    sw.add_argument("--recipes", required=True, help="comma-separated presets or YAML files")
+    sw.add_argument("--no-publish", action="store_true")
+    _run_flags(sw)
+    sw.set_defaults(fn=cmd_sweep)
 
     reg = sub.add_parser("registry", help="list, show, pull, promote artifacts")
     reg.add_argument("action", choices=["list", "show", "pull", "promote"])

@@ -42,10 +42,9 @@ class EvalSpec(Spec):
     max_windows: int | None = Field(16, ge=1)
 
 
-class RTNConfig(Spec):
-    """Round-to-nearest, group-wise asymmetric min-max."""
+class IntGridConfig(Spec):
+    """Group-wise integer grid shared by RTN and GPTQ (packed as the `intq` format)."""
 
-    method: Literal["rtn"] = "rtn"
     bits: int = Field(4, description="Bits per weight, 2..8")
     group_size: int | None = Field(64, description="Inputs per group; None = one group per output channel")
 
@@ -64,7 +63,25 @@ class RTNConfig(Spec):
         return v
 
 
-MethodConfig = Annotated[Union[RTNConfig], Field(discriminator="method")]
+class RTNConfig(IntGridConfig):
+    """Round-to-nearest, group-wise asymmetric min-max."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+class GPTQConfig(IntGridConfig):
+    """GPTQ: sequential, block by block, second-order error compensation with XᵀX of each linear's
+    inputs as seen through the already-quantized blocks."""
+
+    method: Literal["gptq"] = "gptq"
+    damp: float = Field(0.01, gt=0, le=1, description="Dampening, as a fraction of mean diag(XᵀX)")
+    act_order: bool = Field(False, description="Quantize columns in order of decreasing XᵀX diagonal")
+    block_size: int = Field(128, ge=1, description="Columns per lazy-update block")
+    sym: bool = Field(False, description="Symmetric grid (zero point fixed at 2^(bits-1))")
+    mse_clip: bool = Field(False, description="Search a per-group clipping of the min/max range")
+
+
+MethodConfig = Annotated[Union[RTNConfig, GPTQConfig], Field(discriminator="method")]
 
 
 class Recipe(Spec):
@@ -81,15 +98,21 @@ class Recipe(Spec):
         return v
 
 
-_RTN_PRESET = re.compile(r"rtn-w(\d+)(?:g(\d+|c))?")
+_INT_PRESET = re.compile(r"(rtn|gptq)-w(\d+)(?:g(\d+|c))?(-act)?")
+_INT_CONFIGS = {"rtn": RTNConfig, "gptq": GPTQConfig}
 
 
 def preset(name: str) -> Recipe:
-    """Named presets: `rtn-w<bits>g<group>` (e.g. rtn-w4g64), `rtn-w<bits>gc` or `rtn-w<bits>` (per-channel)."""
-    if m := _RTN_PRESET.fullmatch(name):
-        bits, group = int(m.group(1)), m.group(2)
-        return Recipe(name=name, methods=[RTNConfig(bits=bits, group_size=None if group in (None, "c") else int(group))])
-    raise BadInput(f"unknown recipe {name!r}: use a preset such as rtn-w4g64, rtn-w3g64, rtn-w8gc, or a YAML file")
+    """Named presets: `<rtn|gptq>-w<bits>g<group>` (e.g. rtn-w4g64, gptq-w3g64), `...gc` or no group for
+    per-channel, and `gptq-...-act` for GPTQ with act-order."""
+    if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and m.group(4)):
+        method, bits, group = m.group(1), int(m.group(2)), m.group(3)
+        kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}
+        if m.group(4):
+            kwargs["act_order"] = True
+        return Recipe(name=name, methods=[_INT_CONFIGS[method](**kwargs)])
+    raise BadInput(f"unknown recipe {name!r}: use a preset such as rtn-w4g64, rtn-w3g64, gptq-w3g64, "
+                   "gptq-w4g64-act, rtn-w8gc, or a YAML file")
 
 
 def load_recipe(spec: str) -> Recipe:

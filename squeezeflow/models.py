@@ -91,6 +91,9 @@ def prepare_model(name: str, force: bool = False) -> ResolvedModel:
     spec = KNOWN_MODELS[name]
     gguf = _gguf_path(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

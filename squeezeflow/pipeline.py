@@ -6,6 +6,7 @@ every cache key: bump a stage's version when its output for the same inputs chan
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import platform
@@ -24,7 +25,7 @@ from .models import LayerStream, decoder_linears, load_config, load_tokenizer, r
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "1", "publish": "1"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "1", "publish": "2"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -51,7 +52,8 @@ class Plan(BaseModel):
     recipe: Recipe
     calibration: CalibrationSpec
     evaluation: EvalSpec
-    statistics: tuple[str, ...]
+    statistics: tuple[str, ...]   # collected by the saliency stage on the dense model
+    sequential: bool = False      # compress block by block through already-compressed blocks
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,10 +86,14 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     load_text(calibration.source)  # readable and non-empty, or a BadInput naming it
     for split in evaluation.splits:
         load_text(split)
-    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in recipe.methods for s in get_method(m).requires}))
+    # Layer-wise methods read statistics of the dense model (one saliency pass feeds them all);
+    # sequential ones collect theirs on the fly, on activations through the already-compressed blocks.
+    layerwise = [get_method(m) for m in recipe.methods if get_method(m).layerwise]
+    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in layerwise for s in m.requires}))
     info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
                      num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
-    return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=stats)
+    return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=stats,
+                sequential=not method.layerwise)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,35 +116,98 @@ def saliency(store: ArtifactStore, model: ModelInfo, calib: Ref, statistics: tup
 
 def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: Recipe,
                    stats: dict[str, StatsRef]) -> Ref:
-    """Compress every linear of decoder block `block`; one safetensors object with all their fields."""
+    """Compress every linear of decoder block `block` (layer-wise methods: statistics from the dense model)."""
     stream = LayerStream(Path(model.path), model.trust_remote_code)
-    weights = stream.block_state(block)
     block_stats = {name: store.get_tensors(s.blocks[block]) for name, s in stats.items()}
-    method = get_method(recipe.methods[0])
+    ref, _ = compress_weights(store, get_method(recipe.methods[0]), block, stream.block_state(block),
+                              list(decoder_linears(stream.inner.layers[block])), block_stats)
+    return ref
+
+
+def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str, torch.Tensor],
+                     linears: list[str], block_stats: dict[str, dict[str, torch.Tensor]]) -> tuple[Ref, dict]:
+    """Compress the named linears of one block; returns the stored block and {linear: weight it computes}."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    for name in decoder_linears(stream.inner.layers[block]):
+    w_hats: dict[str, torch.Tensor] = {}
+    for name in linears:
         w = weights[f"{name}.weight"]
         lin_stats = {k: v[name] for k, v in block_stats.items() if name in v}
         c = method.compress_linear(f"model.layers.{block}.{name}", w, lin_stats)
-        w_hat = method.dequantize(c)
+        w_hats[name] = method.dequantize(c)
         layers[name] = {"format": c.format, "params": c.params, **c.metrics,
-                        **reconstruction_errors(w, w_hat, lin_stats.get("hdiag"))}
+                        **reconstruction_errors(w, w_hats[name], lin_stats.get("hdiag"), lin_stats.get("xtx"))}
         for field, t in c.tensors.items():
             tensors[f"{name}.{field}"] = t
         if f"{name}.bias" in weights:
             tensors[f"{name}.bias"] = weights[f"{name}.bias"]
-    meta = {"layers": json.dumps(layers, sort_keys=True)}  # ONE key: safetensors writes >1 in random order
-    return store.put_tensors(tensors, kind="compressed-block", metadata=meta)
+    meta = {"layers": json.dumps(layers, sort_keys=True)}
+    return store.put_tensors(tensors, kind="compressed-block", metadata=meta), w_hats
 
 
-def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None) -> dict:
-    """Relative weight error, and with h = diag(XᵀX) the relative output error Σ h_j ΔW_ij² / Σ h_j W_ij²."""
-    d = (w.double() - w_hat.double()) ** 2
-    out = {"weight_rel_err": float(d.sum() / (w.double() ** 2).sum())}
-    if h is not None:
+def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref,
+                        stats: dict[str, StatsRef]) -> list[Ref]:
+    """Sequential methods (GPTQ): block i sees calibration activations that went through the already
+    compressed blocks 0..i-1, so errors are compensated downstream. The statistics the method needs are
+    collected on those activations while block i is in memory. After each block the compressed block and
+    the propagated activations are checkpointed in the store, so a killed run resumes at the next block."""
+    from .calibration import CalibrationSet
+    from .stats import COLLECTORS
+
+    method = get_method(recipe.methods[0])
+    stream = LayerStream(Path(model.path), model.trust_remote_code)
+    key = "sequential-" + sha256_bytes(canonical_json({
+        "model": model.fingerprint, "calibration": calib.sha256, "recipe": recipe.model_dump(mode="json"),
+        "dense_stats": {k: v.key for k, v in sorted(stats.items())}, "version": STAGE_VERSIONS["compress"]}))
+    checkpoint = store.get_index(key)
+    if checkpoint is not None:
+        state = store.get_json(checkpoint)
+        blocks = [Ref(**b) for b in state["blocks"]]
+        hidden = list(store.get_tensors(Ref(**state["hidden"]))["hidden"].split(1))
+    else:
+        blocks = []
+        with torch.no_grad():
+            hidden = [stream.embed(w.unsqueeze(0)) for w in CalibrationSet.get(store, calib).windows]
+    for i in range(len(blocks), stream.num_layers):
+        with torch.no_grad(), stream.block(i) as layer:
+            linears = decoder_linears(layer)
+            collectors = [COLLECTORS[name]() for name in method.requires]
+            with contextlib.ExitStack() as attached:
+                for c in collectors:
+                    attached.enter_context(c.attach(layer))
+                stream.forward_block(layer, hidden)
+            # Dense-model statistics first; the ones collected here, through compressed blocks, win.
+            block_stats = {name: store.get_tensors(s.blocks[i]) for name, s in stats.items()}
+            block_stats.update({c.name: c.result() for c in collectors})
+            weights = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            ref, w_hats = compress_weights(store, method, i, weights, list(linears), block_stats)
+            for name, lin in linears.items():
+                lin.weight.copy_(w_hats[name])
+            hidden = stream.forward_block(layer, hidden)
+        blocks.append(ref)
+        hidden_ref = store.put_tensors({"hidden": torch.cat(hidden)}, kind="sequential-activations")
+        previous = store.get_index(key)
+        store.put_index(key, store.put_json({"blocks": [b.model_dump() for b in blocks],
+                                             "hidden": hidden_ref.model_dump()}, kind="sequential-checkpoint"))
+        if previous is not None:  # activations of the previous block are no longer needed by anyone
+            stale = Ref(**store.get_json(previous)["hidden"])
+            if stale.sha256 != hidden_ref.sha256:
+                store.delete(stale)
+    return blocks
+
+
+def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None,
+                          xtx: torch.Tensor | None = None) -> dict:
+    """Relative weight error, and the relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H = XᵀX of the
+    calibration inputs when the method collected it, else its diagonal h (Σ h_j ΔW_ij² / Σ h_j W_ij²)."""
+    w, d = w.double(), w.double() - w_hat.double()
+    out = {"weight_rel_err": float((d * d).sum() / (w * w).sum())}
+    if xtx is not None:
+        H = xtx.double()
+        out["output_rel_err"] = float(((d @ H) * d).sum() / ((w @ H) * w).sum())
+    elif h is not None:
         hd = h.double()
-        out["output_rel_err"] = float((d * hd).sum() / ((w.double() ** 2) * hd).sum())
+        out["output_rel_err"] = float((d * d * hd).sum() / (w * w * hd).sum())
     return out
 
 

@@ -74,6 +74,7 @@ class ArtifactStore:
     def _has(self, sha: str) -> bool: ...
     def _write(self, sha: str, data: bytes) -> None: ...
     def _read(self, sha: str) -> bytes: ...
+    def _delete(self, sha: str) -> None: ...
 
     # --- public API ---------------------------------------------------------------------------
     def put_bytes(self, data: bytes, kind: str) -> Ref:
@@ -97,6 +98,11 @@ class ArtifactStore:
 
     def exists(self, ref: Ref) -> bool:
         return self._has(ref.sha256)
+
+    def delete(self, ref: Ref) -> None:
+        """Remove a scratch object (e.g. a superseded checkpoint). Only for objects no ref points to."""
+        if self._has(ref.sha256):
+            self._delete(ref.sha256)
 
     def get_bytes(self, ref: Ref) -> bytes:
         if not self._has(ref.sha256):
@@ -204,6 +210,9 @@ class LocalStore(ArtifactStore):
     def _read(self, sha: str) -> bytes:
         return self._path(sha).read_bytes()
 
+    def _delete(self, sha: str) -> None:
+        self._path(sha).unlink(missing_ok=True)
+
     def _write_index(self, key: str, data: bytes) -> None:
         path = self.root / "index" / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,6 +257,9 @@ class S3Store(ArtifactStore):
 
     def _read(self, sha: str) -> bytes:
         return self._client.get_object(Bucket=self.loc.bucket, Key=self._key(sha))["Body"].read()
+
+    def _delete(self, sha: str) -> None:
+        self._client.delete_object(Bucket=self.loc.bucket, Key=self._key(sha))
 
     def _write_index(self, key: str, data: bytes) -> None:
         self._client.put_object(Bucket=self.loc.bucket, Key=self.loc.key("index", key), Body=data)

@@ -18,3 +18,10 @@ def compress_block(store_uri: str, model: pipeline.ModelInfo, block: int, recipe
     if delay := float(os.environ.get("SQUEEZEFLOW_FAULT_COMPRESS_DELAY_S", "0")):
         time.sleep(delay)
     return ref
+
+
+@stage_task("compress", name="compress-sequential", tags=["compress"])
+def compress_sequential(store_uri: str, model: pipeline.ModelInfo, recipe: Recipe, calib: Ref,
+                        stats: dict[str, StatsRef]) -> list[Ref]:
+    """Compress block by block through the already-compressed blocks (GPTQ); checkpointed per block."""
+    return pipeline.compress_sequential(open_store(store_uri), model, recipe, calib, stats)

@@ -32,7 +32,8 @@ def render(metrics: dict, base: dict, lineage: dict, layer_errors: dict[str, dic
     if lineage["model"]["name"].startswith("smollm2"):
         lines += ["", f"> {CAVEAT_4BIT}"]
     lines += ["", "## Per-layer reconstruction error", "",
-              "Relative output error Σ h_j ΔW² / Σ h_j W² with h = diag(XᵀX) from calibration.", "",
+              "Relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), H = XᵀX of the calibration inputs (its diagonal for "
+              "layer-wise methods, the full matrix on propagated activations for sequential ones).", "",
               "| layer | weight rel. err | output rel. err |", "|---|---|---|"]
     for name, e in layer_errors.items():
         out_err = f"{e['output_rel_err']:.3e}" if "output_rel_err" in e else "n/a"

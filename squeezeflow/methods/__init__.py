@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from .base import CompressedLinear, Method
+from .gptq import GPTQ
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {RTN.name: RTN}
+METHODS: dict[str, type[Method]] = {RTN.name: RTN, GPTQ.name: GPTQ}
 
 
 def get_method(config) -> Method:

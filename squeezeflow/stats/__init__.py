@@ -4,6 +4,10 @@
 memory at a time), stores each block's result in the artifact store, and memoizes the whole result under
 a key built from (model fingerprint, calibration set hash, collector name + version). A later run with
 the same inputs, in any process, gets the stored statistics back without touching the model.
+
+Hook collectors (COLLECTORS): hdiag (diag XᵀX), xtx (full XᵀX), residual_cov (E[x xᵀ] at the norms),
+block_io (block input/output similarity). "gradients" is not a hook collector (it needs a backward
+pass): `collect` routes it to `gradients.collect_gradients`, on `gradient_windows` windows.
 """
 from __future__ import annotations
 
@@ -16,9 +20,13 @@ from pydantic import BaseModel
 from ..calibration import CalibrationSet
 from ..models import LayerStream
 from ..store import ArtifactStore, Ref, canonical_json
+from .block_io import BlockIO
 from .hdiag import HDiag
+from .residual_cov import ResidualCov
+from .xtx import XtX
 
-COLLECTORS = {HDiag.name: HDiag}
+COLLECTORS = {c.name: c for c in (HDiag, XtX, ResidualCov, BlockIO)}
+GRADIENTS = "gradients"  # produced by gradients.collect_gradients, not by a hook collector
 
 
 class StatsRef(BaseModel):
@@ -31,20 +39,30 @@ class StatsRef(BaseModel):
     model_config = {"frozen": True}
 
 
-def stats_key(collector: str, model_fingerprint: str, calib_sha256: str) -> str:
-    spec = {"collector": collector, "version": COLLECTORS[collector].version,
+def stats_key(collector: str, model_fingerprint: str, calib_sha256: str, version: str | None = None,
+              params: dict | None = None) -> str:
+    """`version` defaults to the registered collector's; `params` (settings that change the result, e.g.
+    the gradients' window count) join the key only when given, so hook collectors' keys stay as they were."""
+    spec = {"collector": collector, "version": version or COLLECTORS[collector].version,
             "model": model_fingerprint, "calibration": calib_sha256}
+    if params:
+        spec["params"] = params
     return "stats-" + hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
 def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref, names: list[str],
-            batch_size: int = 4, trust_remote_code: bool = False) -> dict[str, StatsRef]:
-    unknown = sorted(set(names) - set(COLLECTORS))
+            batch_size: int = 4, trust_remote_code: bool = False, gradient_windows: int = 8) -> dict[str, StatsRef]:
+    unknown = sorted(set(names) - set(COLLECTORS) - {GRADIENTS})
     if unknown:
-        raise ValueError(f"unknown statistics {unknown}; known: {sorted(COLLECTORS)}")
+        raise ValueError(f"unknown statistics {unknown}; known: {sorted([*COLLECTORS, GRADIENTS])}")
     out: dict[str, StatsRef] = {}
+    if GRADIENTS in names:
+        from .gradients import collect_gradients  # imports this module: load it only when needed
+
+        out[GRADIENTS] = collect_gradients(store, model_path, model_fingerprint, calib, gradient_windows,
+                                           trust_remote_code, batch_size)
     todo = []
-    for name in sorted(set(names)):
+    for name in sorted(set(names) - {GRADIENTS}):
         key = stats_key(name, model_fingerprint, calib.sha256)
         cached = store.get_index(key)
         if cached is not None:
@@ -67,7 +85,8 @@ def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref
                         attached.enter_context(c.attach(layer))
                     hidden = stream.forward_block(layer, hidden, batch_size)
                 for name, c in collectors.items():
-                    blocks[name].append(store.put_tensors(c.result(), kind=f"stats/{name}"))
+                    meta = c.metadata() if hasattr(c, "metadata") else None
+                    blocks[name].append(store.put_tensors(c.result(), kind=f"stats/{name}", metadata=meta))
     for name, key in todo:
         ref = StatsRef(collector=name, key=key, blocks=blocks[name])
         store.put_index(key, store.put_json(ref.model_dump(), kind="stats-index"))

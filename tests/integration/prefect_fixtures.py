@@ -245,9 +245,9 @@ def flow_run_pids(flow_run_id) -> list[int]:
 # later exits with status 1 (the hook's state is reset by fork). Tests therefore run flows in a fresh
 # interpreter, so pytest's own process never hosts a flow run.
 _RUN_FLOW = """
-import json, sys
-from squeezeflow.flows.compress import compress_flow
-state = compress_flow(**json.loads(sys.argv[1]), return_state=True)
+import importlib, json, sys
+module, name = sys.argv[3].split(":")
+state = getattr(importlib.import_module(module), name)(**json.loads(sys.argv[1]), return_state=True)
 out = {"completed": state.is_completed(), "state": repr(state), "flow_run_id": str(state.state_details.flow_run_id),
        "result": state.result() if state.is_completed() else None}
 with open(sys.argv[2], "w") as f:
@@ -255,15 +255,16 @@ with open(sys.argv[2], "w") as f:
 """
 
 
-def run_flow_in_child(params: dict, workdir: Path, timeout: float = 300) -> dict:
-    """Run compress_flow(**params) in a child interpreter with this process's environment; returns
+def run_flow_in_child(params: dict, workdir: Path, timeout: float = 300,
+                      flow: str = "squeezeflow.flows.compress:compress_flow") -> dict:
+    """Run flow(**params) in a child interpreter with this process's environment; returns
     {"completed", "state", "flow_run_id", "result"} and fails with the child's log if it did not complete."""
     import json
 
     workdir.mkdir(parents=True, exist_ok=True)
     result_file, log_file = workdir / "result.json", workdir / "run.log"
     with open(log_file, "wb") as log:
-        proc = subprocess.run([sys.executable, "-c", _RUN_FLOW, json.dumps(params), str(result_file)],
+        proc = subprocess.run([sys.executable, "-c", _RUN_FLOW, json.dumps(params), str(result_file), flow],
                               cwd=workdir, env=worker_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     out = json.loads(result_file.read_text()) if result_file.is_file() else None
     assert proc.returncode == 0 and out and out["completed"], \

@@ -27,7 +27,7 @@ CASES = {
     "group does not divide": (["compress", "{tiny}", "--recipe", "rtn-w4g48"], "group size 48 does not divide"),
     "empty calibration corpus": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--calibration", "{empty}"], "empty"),
     "seqlen above max": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--seqlen", "4096"], "exceeds the model's maximum of 512"),
-    "unknown recipe": (["compress", "{tiny}", "--recipe", "gptq-w4g32"], "unknown recipe"),
+    "unknown recipe": (["compress", "{tiny}", "--recipe", "awq-w4g32"], "unknown recipe"),
     "negative samples": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--calib-samples", "0"], "n_samples"),
     "unreachable S3": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--registry", "s3://nowhere/reg"], "unreachable"),
 }

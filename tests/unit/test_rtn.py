@@ -44,7 +44,7 @@ def test_presets(name, bits, group):
     assert r.name == name and r.methods[0].bits == bits and r.methods[0].group_size == group
 
 
-@pytest.mark.parametrize("name", ["rtn-w1g64", "rtn-w9g64", "gptq-w4g64", "rtn-w4g0"])
+@pytest.mark.parametrize("name", ["rtn-w1g64", "rtn-w9g64", "awq-w4g64", "rtn-w4g0", "rtn-w4g64-act", "gptq-w1g64"])
 def test_bad_presets_are_bad_input(name):
     with pytest.raises(BadInput):
         load_recipe(name)

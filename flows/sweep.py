@@ -1,0 +1,56 @@
+"""Many recipes on one model in one flow run. Calibration, the saliency pass (the union of every
+recipe's statistics, one streamed pass) and the fp32 baseline run once; each recipe then runs its own
+compress -> pack -> evaluate -> publish. The result is a comparison table (markdown, CSV, JSON in the
+store, and a Prefect table artifact)."""
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from squeezeflow import pipeline
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.evaluation.comparison import comparison_files
+from squeezeflow.flows.compress import Destinations, compress_recipe, table_artifact_key
+from squeezeflow.settings import store_uri as default_store_uri
+from squeezeflow.store import open_store
+from squeezeflow.tasks.calibrate import calibrate
+from squeezeflow.tasks.evaluate import evaluate
+from squeezeflow.tasks.saliency import saliency
+
+
+@flow(name="sweep", log_prints=True, persist_result=False)
+def sweep_flow(
+    model: ModelRef = ModelRef(),
+    recipes: list[str] = ["rtn-w4g64", "rtn-w3g64", "gptq-w3g64"],  # noqa: B006 - Prefect copies parameters
+    calibration: CalibrationSpec = CalibrationSpec(),
+    evaluation: EvalSpec = EvalSpec(),
+    destinations: Destinations = Destinations(),
+) -> dict:
+    """Compress `model` with every recipe in `recipes` and compare them against the fp32 baseline."""
+    logger = get_run_logger()
+    plans = [pipeline.preflight(model, r, calibration, evaluation) for r in recipes]  # all valid, or none runs
+    store = destinations.store or default_store_uri()
+    registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
+    m = plans[0].model
+    statistics = tuple(sorted({s for p in plans for s in p.statistics}))
+    logger.info("sweep of %d recipes on %s; statistics %s", len(plans), m.name, statistics)
+
+    calib = calibrate(store, m, calibration)
+    stats = saliency(store, m, calib, statistics)
+    baseline = evaluate(store, m, None, evaluation, "fp32")
+    results = []
+    for plan in plans:
+        started = time.perf_counter()
+        artifact, entry = compress_recipe(store, plan, calib, stats, baseline, registry)
+        results.append(pipeline.summarize(open_store(store), artifact, entry, time.perf_counter() - started))
+
+    metrics = [results[0]["results"][0]] + [r["results"][1] for r in results]
+    files = comparison_files(metrics)
+    report = open_store(store).put_tree({name: open_store(store).put_bytes(data, "file")
+                                         for name, data in files.items()}, kind="sweep-report")
+    create_table_artifact(key=table_artifact_key("sweep", m.name), table=pipeline.table_rows({"results": metrics}),
+                          description=f"{m.name}: {', '.join(recipes)}")
+    create_markdown_artifact(key=table_artifact_key("sweep-report", m.name), markdown=files["comparison.md"].decode())
+    return {"results": metrics, "artifacts": [r["artifact"] for r in results], "report": report.model_dump()}

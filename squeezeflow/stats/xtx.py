@@ -1,0 +1,85 @@
+"""Full XᵀX per linear: mean over calibration tokens of x xᵀ, x the linear's input (GPTQ's Hessian).
+
+Linears that read the very same tensor (q/k/v read the input_layernorm output, gate/up the
+post_attention_layernorm output) share one accumulator: a d × d fp64 sum is the largest thing a block
+holds, so computing it once per distinct input saves both memory and the dominant matmul. Sharing is
+detected at run time, not from names: within one forward of the block, a linear whose input is the same
+live tensor (same storage, shape, strides and version) as an earlier linear's joins that linear's group.
+
+The stored result still has one entry per linear (consumers look statistics up by linear name), so
+members of a group get their own copy of the group's matrix; the metadata's "shared" alias map says
+which linear each one was computed for.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Iterator
+
+import torch
+
+from ..models import decoder_linears
+
+
+def _same_input(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when two tensors hold the same data: identical view of the same storage, not modified since."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                      and a.dtype == b.dtype and a._version == b._version)
+
+
+class XtX:
+    name = "xtx"
+    version = "1"
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}     # group leader -> fp64 sum of x xᵀ
+        self._count: dict[str, int] = {}            # group leader -> tokens accumulated
+        self._leader: dict[str, str] = {}           # linear -> the linear whose accumulator it shares
+        # Inputs seen in the current forward of the block, with the linear that first saw each. Holding
+        # the tensors keeps their memory from being reused, so a matching data_ptr means the same data.
+        self._live: list[tuple[torch.Tensor, str]] = []
+
+    @contextlib.contextmanager
+    def attach(self, layer: torch.nn.Module) -> Iterator[None]:
+        self._sums, self._count, self._leader, self._live = {}, {}, {}, []
+
+        def new_forward(_mod, _args) -> None:
+            self._live = []
+
+        handles = [layer.register_forward_pre_hook(new_forward)]
+        for name, lin in decoder_linears(layer).items():
+            def hook(_mod, args, name=name) -> None:
+                x = args[0].detach()
+                leader = next((who for t, who in self._live if _same_input(t, x)), None)
+                if leader is None:
+                    self._live.append((x, name))
+                    self._accumulate(name, x)
+                    leader = name
+                # Grouping must be the same in every forward, or the per-group counts would be wrong.
+                if self._leader.setdefault(name, leader) != leader:
+                    raise RuntimeError(f"xtx: {name} shared its input with {self._leader[name]} in one forward "
+                                       f"and with {leader} in another")
+            handles.append(lin.register_forward_pre_hook(hook))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._live = []
+
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        if name not in self._sums:
+            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self._count[name] = 0
+        self._sums[name].addmm_(x.T, x)
+        self._count[name] += x.shape[0]
+
+    def result(self) -> dict[str, torch.Tensor]:
+        means = {leader: (s / self._count[leader]).float() for leader, s in self._sums.items()}
+        return {name: means[leader] if name == leader else means[leader].clone()
+                for name, leader in sorted(self._leader.items())}
+
+    def metadata(self) -> dict[str, str]:
+        """{"shared": JSON {linear: linear whose input it shares}} for the linears that share one."""
+        return {"shared": json.dumps({n: l for n, l in sorted(self._leader.items()) if n != l}, sort_keys=True)}
