@@ -200,6 +200,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _local_base(manifest: dict) -> Path | None:
+    """The artifact's base model, if its ModelRef resolves on this machine (for KL and speed ratios)."""
+    from .models import resolve_model
+
+    try:
+        base = resolve_model(manifest["lineage"]["model"]["ref"])
+    except (BadInput, KeyError, OSError):
+        return None
+    return base.path if base.fingerprint == manifest["lineage"]["model"]["fingerprint"] else None
+
+
 def cmd_eval(args) -> int:
     """Re-evaluate a published (or local) artifact with the protocol recorded in its manifest."""
     from . import pipeline
@@ -213,10 +224,23 @@ def cmd_eval(args) -> int:
     protocols = recorded["protocol"]["evaluation"]
     first = next(iter(protocols.values()))
     spec = EvalSpec(splits=tuple(protocols), seqlen=first["seqlen"],
-                    max_windows=args.eval_windows or max(p["windows"] for p in protocols.values()))
-    info = pipeline.ModelInfo(ref=args.artifact, name=manifest["model"], path=str(path), fingerprint="-",
+                    max_windows=args.eval_windows or max(p["windows"] for p in protocols.values()),
+                    kl_windows=args.kl_windows, cloze_items=args.cloze_items)
+    base = _local_base(manifest)
+    info = pipeline.ModelInfo(ref=args.artifact, name=manifest["model"], path=str(base or path), fingerprint="-",
                               num_layers=0)
     metrics = pipeline.evaluate_path(path, info, spec, manifest["recipe"])
+    if args.speed:
+        if base is None:
+            raise BadInput("--speed needs the base model on this machine (its ModelRef did not resolve)")
+        from .evaluation.speed import speed_ratios
+        from .models import load_model
+
+        net = load_model(path)
+        for m in net.modules():
+            if hasattr(m, "cache_dequantized"):
+                m.cache_dequantized = True
+        metrics["speed"] = speed_ratios(net, load_model(base))
     metrics["uri"] = args.artifact
     if args.json:
         _print_json({"results": [metrics], "recorded": recorded})
@@ -337,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="re-evaluate an artifact with the protocol in its manifest")
     ev.add_argument("artifact", help="local artifact dir, s3:// entry URI or model/recipe@alias")
     ev.add_argument("--eval-windows", type=int, help="override the number of windows per split")
+    ev.add_argument("--kl-windows", type=int, default=4, help="windows per split for KL / top-1 vs the base")
+    ev.add_argument("--cloze-items", type=int, default=0, help="items per zero-shot cloze task (0 = skip)")
+    ev.add_argument("--speed", action="store_true", help="prefill/decode tokens/s against the base, as ratios")
     ev.set_defaults(fn=cmd_eval)
 
     dep = sub.add_parser("deploy", help="register the compress flow as a Prefect deployment")

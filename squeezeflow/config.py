@@ -35,11 +35,16 @@ class CalibrationSpec(Spec):
 
 class EvalSpec(Spec):
     """Perplexity protocol: non-overlapping `seqlen` windows of each held-out split; at most
-    `max_windows` of them, evenly spaced over the text (None = all)."""
+    `max_windows` of them, evenly spaced over the text (None = all). KL and top-1 agreement against the
+    base model use the first `kl_windows` of them; cloze tasks are built from `cloze_split` with `seed`."""
 
     splits: tuple[str, ...] = ("sotu-2000-2021", "moby-dick")
     seqlen: int = Field(512, ge=16)
     max_windows: int | None = Field(16, ge=1)
+    kl_windows: int = Field(4, ge=0, description="Windows per split for KL and top-1 agreement vs the base model")
+    cloze_items: int = Field(0, ge=0, description="Items per cloze task (next sentence, last word); 0 = skip")
+    cloze_split: str = "sotu-2000-2021"
+    seed: int = 0
 
 
 class IntGridConfig(Spec):

@@ -25,7 +25,7 @@ from .models import LayerStream, decoder_linears, load_config, load_tokenizer, r
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "1", "publish": "2"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "2", "publish": "2"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -330,12 +330,37 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
             module.cache_dequantized = True
     metrics = {"recipe": recipe, "uri": None, "perplexity": {}, "kl": {}, "accuracy": {}, "speed": {},
                "protocol": {"evaluation": {}}}
-    for split, (windows, protocol) in eval_protocol(model, spec).items():
+    protocols = eval_protocol(model, spec)
+    for split, (windows, protocol) in protocols.items():
         result = perplexity(net, windows)
         metrics["perplexity"][split] = round(result["perplexity"], 6)
         metrics["protocol"]["evaluation"][split] = protocol
+    if spec.kl_windows and Path(path).resolve() != Path(model.path).resolve():
+        from .evaluation.kl import kl_and_agreement
+
+        base = load_model(Path(model.path), torch.float32, model.trust_remote_code)
+        for split, (windows, _) in protocols.items():
+            r = kl_and_agreement(net, base, windows[:spec.kl_windows])
+            metrics["kl"][split] = {"kl": round(r["kl"], 8), "top1_agreement": round(r["top1_agreement"], 6),
+                                    "positions": r["positions"], "windows": min(spec.kl_windows, len(windows))}
+        del base
+    if spec.cloze_items:
+        metrics["accuracy"] = cloze_accuracy(net, model, spec)
     metrics.update(size_report(path, target_linears(path, model.trust_remote_code)))
     return metrics
+
+
+def cloze_accuracy(net, model: ModelInfo, spec: EvalSpec) -> dict:
+    """Zero-shot cloze tasks built deterministically from held-out text (JSONL sha256 in the result)."""
+    from .calibration import load_text
+    from .evaluation.cloze import cloze_suite
+
+    text = load_text(spec.cloze_split)
+    tokenizer = load_tokenizer(Path(model.path), model.trust_remote_code)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = cloze_suite(net, tokenizer, text.text, text.sha256, spec.cloze_items, spec.seed, Path(tmp))
+    return {task: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} | {"split": spec.cloze_split}
+            for task, r in results.items()}
 
 
 def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, StatsRef], blocks: list[Ref],

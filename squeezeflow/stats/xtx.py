@@ -29,7 +29,7 @@ def _same_input(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class XtX:
     name = "xtx"
-    version = "1"
+    version = "2"  # 2: per-batch fp32 products, fp64 sums
 
     def __init__(self) -> None:
         self._sums: dict[str, torch.Tensor] = {}     # group leader -> fp64 sum of x xᵀ
@@ -68,11 +68,13 @@ class XtX:
             self._live = []
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
+        # One batch's product in fp32 (a few thousand tokens: ample precision, ~2x faster than fp64 on
+        # CPU), summed across batches in fp64 so long calibration runs do not drift.
+        x = x.reshape(-1, x.shape[-1]).float()
         if name not in self._sums:
             self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
             self._count[name] = 0
-        self._sums[name].addmm_(x.T, x)
+        self._sums[name] += (x.T @ x).double()
         self._count[name] += x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:

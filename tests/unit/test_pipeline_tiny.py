@@ -108,3 +108,22 @@ def test_report_mentions_protocol_and_baseline(runs):
     store, r = runs[0]
     text = (store.materialize(r["artifact"]) / "report" / "report.md").read_text()
     assert "| fp32 |" in text and "| rtn-w4g32 |" in text and "4 windows × 32 tokens" in text
+
+
+def test_packed_model_metrics_include_kl_against_base(runs):
+    store, r = runs[0]
+    m = json.loads((store.materialize(r["artifact"]) / "manifest.json").read_text())
+    for split in ("sotu-2000-2021", "moby-dick"):
+        kl = m["metrics"]["kl"][split]
+        assert kl["kl"] > 0 and 0 < kl["top1_agreement"] <= 1 and kl["positions"] == 2 * 31
+    assert m["baseline"]["kl"] == {}  # the base model is the reference, not compared with itself
+
+
+def test_cloze_accuracy_is_deterministic_and_stamped(plan, runs, tiny_model):
+    store, r = runs[0]
+    spec = EvalSpec(seqlen=32, max_windows=1, kl_windows=0, cloze_items=3)
+    a = pipeline.evaluate_path(store.materialize(r["packed"]), plan.model, spec, "x")["accuracy"]
+    b = pipeline.evaluate_path(store.materialize(r["packed"]), plan.model, spec, "x")["accuracy"]
+    assert a == b and set(a) == {"next_sentence", "last_word"}
+    assert a["next_sentence"]["n"] == 3 and len(a["next_sentence"]["file_sha256"]) == 64
+    assert 0 <= a["next_sentence"]["acc"] <= 1 and a["next_sentence"]["split"] == "sotu-2000-2021"
