@@ -10,6 +10,7 @@ import contextlib
 import torch
 
 from ..models import decoder_linears
+from .hooks import on_inputs
 
 
 class HDiag:
@@ -23,18 +24,14 @@ class HDiag:
     @contextlib.contextmanager
     def attach(self, layer: torch.nn.Module):
         self._sums, self._count = {}, {}
-        handles = []
-        for name, lin in decoder_linears(layer).items():
-            def hook(_mod, args, name=name):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                self._sums[name] = self._sums.get(name, 0) + (x * x).sum(0)
-                self._count[name] = self._count.get(name, 0) + x.shape[0]
-            handles.append(lin.register_forward_pre_hook(hook))
-        try:
+
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).double()
+            self._sums[name] = self._sums.get(name, 0) + (x * x).sum(0)
+            self._count[name] = self._count.get(name, 0) + x.shape[0]
+
+        with on_inputs(decoder_linears(layer), accumulate):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def result(self) -> dict[str, torch.Tensor]:
         return {name: (s / self._count[name]).float() for name, s in sorted(self._sums.items())}

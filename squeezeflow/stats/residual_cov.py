@@ -13,6 +13,8 @@ from typing import Iterator
 
 import torch
 
+from .hooks import on_inputs
+
 # The norms of a Llama-style block that read the residual stream (a Qwen3 q_norm/k_norm does not).
 RESIDUAL_NORMS = ("input_layernorm", "post_attention_layernorm")
 
@@ -31,21 +33,17 @@ class ResidualCov:
         missing = [n for n in RESIDUAL_NORMS if not isinstance(getattr(layer, n, None), torch.nn.Module)]
         if missing:
             raise ValueError(f"residual_cov needs a Llama-style block with {RESIDUAL_NORMS}; missing {missing}")
-        handles = []
-        for name in RESIDUAL_NORMS:
-            def hook(_mod, args, name=name) -> None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                if name not in self._sums:
-                    self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-                    self._count[name] = 0
-                self._sums[name].addmm_(x.T, x)
-                self._count[name] += x.shape[0]
-            handles.append(getattr(layer, name).register_forward_pre_hook(hook))
-        try:
+
+        def accumulate(name: str, x: torch.Tensor) -> None:
+            x = x.reshape(-1, x.shape[-1]).double()
+            if name not in self._sums:
+                self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                self._count[name] = 0
+            self._sums[name].addmm_(x.T, x)
+            self._count[name] += x.shape[0]
+
+        with on_inputs({n: getattr(layer, n) for n in RESIDUAL_NORMS}, accumulate):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def result(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
