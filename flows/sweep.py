@@ -1,9 +1,11 @@
 """Many recipes on one model in one flow run. Calibration, the saliency pass (the union of every
 recipe's statistics, one streamed pass) and the fp32 baseline run once; each recipe then runs its own
-compress -> pack -> evaluate -> publish. The result is a comparison table (markdown, CSV, JSON in the
-store, and a Prefect table artifact)."""
+compress -> pack -> evaluate -> publish. The result is a comparison table (markdown, CSV, JSON) and two
+plots (perplexity vs effective bits; per-layer reconstruction error), stored as one tree in the store and
+shown as Prefect table and markdown artifacts."""
 from __future__ import annotations
 
+import base64
 import time
 
 from prefect import flow, get_run_logger
@@ -11,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from squeezeflow import pipeline
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.evaluation import plots
 from squeezeflow.evaluation.comparison import comparison_files
 from squeezeflow.flows.compress import Destinations, compress_recipe, table_artifact_key
 from squeezeflow.settings import store_uri as default_store_uri
@@ -47,10 +50,17 @@ def sweep_flow(
         results.append(pipeline.summarize(open_store(store), artifact, entry, time.perf_counter() - started))
 
     metrics = [results[0]["results"][0]] + [r["results"][1] for r in results]
+    errors = {r["results"][1]["recipe"]: pipeline.artifact_json(open_store(store), r["artifact"], "report/layer_errors.json")
+              for r in results}
     files = comparison_files(metrics)
+    files["plots/perplexity_vs_bits.png"] = plots.perplexity_vs_bits(metrics)
+    files["plots/layer_errors.png"] = plots.layer_errors(errors)
     report = open_store(store).put_tree({name: open_store(store).put_bytes(data, "file")
                                          for name, data in files.items()}, kind="sweep-report")
     create_table_artifact(key=table_artifact_key("sweep", m.name), table=pipeline.table_rows({"results": metrics}),
                           description=f"{m.name}: {', '.join(recipes)}")
-    create_markdown_artifact(key=table_artifact_key("sweep-report", m.name), markdown=files["comparison.md"].decode())
+    images = "\n\n".join(f"![{name}](data:image/png;base64,{base64.b64encode(files[name]).decode()})"
+                           for name in ("plots/perplexity_vs_bits.png", "plots/layer_errors.png"))
+    create_markdown_artifact(key=table_artifact_key("sweep-report", m.name),
+                             markdown=files["comparison.md"].decode() + "\n" + images)
     return {"results": metrics, "artifacts": [r["artifact"] for r in results], "report": report.model_dump()}

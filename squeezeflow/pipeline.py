@@ -25,7 +25,7 @@ from .models import LayerStream, decoder_linears, load_config, load_tokenizer, r
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "2", "publish": "2"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "2", "publish": "3"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -393,6 +393,7 @@ def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, Stat
         shutil.copytree(store.materialize(packed), out)
         (out / "report").mkdir()
         (out / "report" / "metrics.json").write_bytes(canonical_json({"results": [base, m]}))
+        (out / "report" / "layer_errors.json").write_bytes(canonical_json(layer_errors))
         (out / "report" / "report.md").write_text(render(m, base, lineage, layer_errors))
         files = {p.relative_to(out).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
                  for p in sorted(out.rglob("*")) if p.is_file()}
@@ -427,12 +428,18 @@ def registry_for(uri: str | None) -> str:
 
 def summarize(store: ArtifactStore, artifact: Ref, entry: dict | None, wall_s: float) -> dict:
     """The flow's return value: the metrics schema of ARCHITECTURE.md for the base model and the artifact."""
-    manifest = json.loads(store.get_bytes(store.get_tree(artifact)["manifest.json"]))
+    manifest = artifact_json(store, artifact, "manifest.json")
     uri = entry["uri"] if entry else None
     result = dict(manifest["metrics"], uri=uri)
     result["speed"] = dict(result.get("speed") or {}, flow_wall_s=round(wall_s, 2))
     return {"artifact": {"uri": uri, "artifact_id": manifest["artifact_id"], "store_ref": artifact.model_dump()},
             "results": [manifest["baseline"], result]}
+
+
+def artifact_json(store: ArtifactStore, artifact: Ref | dict, path: str):
+    """One JSON file of an artifact tree in the store (e.g. report/layer_errors.json)."""
+    ref = artifact if isinstance(artifact, Ref) else Ref(**artifact.get("store_ref", artifact))
+    return json.loads(store.get_bytes(store.get_tree(ref)[path]))
 
 
 def table_rows(result: dict) -> list[dict]:

@@ -44,6 +44,11 @@ def test_sweep_shares_stages_and_repeats_from_cache(prefect_server, s3_server, t
     assert counts["evaluate"] == 1 + len(RECIPES)  # the fp32 baseline once, each packed model once
     assert [m["recipe"] for m in first["result"]["results"]] == ["fp32", *RECIPES]
     assert all(m["uri"] for m in first["result"]["results"][1:])
+    from squeezeflow.store import Ref, open_store
+
+    report = open_store(str(tmp_path / "store")).get_tree(Ref(**first["result"]["report"]))
+    assert {"comparison.md", "comparison.csv", "comparison.json", "plots/perplexity_vs_bits.png",
+            "plots/layer_errors.png"} <= set(report)
 
     second = run_flow_in_child(params, tmp_path / "run2", flow="squeezeflow.flows.sweep:sweep_flow")
     runs2 = settled(second["flow_run_id"], expected)
