@@ -25,7 +25,7 @@ from .models import LayerStream, decoder_linears, load_config, load_tokenizer, r
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "2", "publish": "3"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "3", "publish": "3"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -88,8 +88,8 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
         load_text(split)
     # Layer-wise methods read statistics of the dense model (one saliency pass feeds them all);
     # sequential ones collect theirs on the fly, on activations through the already-compressed blocks.
-    layerwise = [get_method(m) for m in recipe.methods if get_method(m).layerwise]
-    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in layerwise for s in m.requires}))
+    methods = [get_method(m) for m in recipe.methods]
+    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in methods if m.layerwise for s in m.requires}))
     info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
                      num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
     return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=stats,
@@ -250,11 +250,6 @@ def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Re
         return store.put_dir(out, kind="packed-model")
 
 
-def tokenizer_hash(path: Path) -> str:
-    files = sorted(p for p in path.iterdir() if p.name.startswith(("tokenizer", "special_tokens")))
-    return sha256_bytes(b"".join(p.name.encode() + p.read_bytes() for p in files))
-
-
 def library_versions() -> dict:
     import importlib.metadata as md
 
@@ -294,7 +289,7 @@ def git_commit() -> str | None:
 
 def eval_protocol(model: ModelInfo, spec: EvalSpec) -> dict[str, tuple[torch.Tensor, dict]]:
     """The held-out windows of each split and the protocol record that makes the number reproducible."""
-    from .calibration import eval_windows, load_text, tokenize
+    from .calibration import eval_windows, load_text, tokenize, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(Path(model.path), model.trust_remote_code)
     out = {}
@@ -306,7 +301,7 @@ def eval_protocol(model: ModelInfo, spec: EvalSpec) -> dict[str, tuple[torch.Ten
                                 "seqlen": spec.seqlen, "windows": int(windows.shape[0]),
                                 "tokens": int(windows.numel()), "bos": False,
                                 "selection": "non-overlapping windows, evenly spaced over the text",
-                                "tokenizer": tokenizer_hash(Path(model.path))})
+                                "tokenizer": tokenizer_fingerprint(tokenizer)["sha256"]})
     return out
 
 
