@@ -26,6 +26,16 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
+def _finish(fig, ax, xlabel: str, ylabel: str) -> bytes:
+    """The styling both plots share (log y, small legend, light grid), then the PNG bytes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def perplexity_vs_bits(metrics: list[dict]) -> bytes:
     """One point per recipe and split; the fp32 baseline as a dashed line per split."""
     plt = _figure()
@@ -38,12 +48,7 @@ def perplexity_vs_bits(metrics: list[dict]) -> bytes:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=color, label=split)
         for x, y, name in pts:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("effective bits per weight (from bytes written)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "effective bits per weight (from bytes written)", "perplexity")
 
 
 def layer_errors(errors: dict[str, dict[str, dict]]) -> bytes:
@@ -57,9 +62,4 @@ def layer_errors(errors: dict[str, dict[str, dict]]) -> bytes:
                 per_block.setdefault(int(name.split(".")[2]), []).append(e["output_rel_err"])
         blocks = sorted(per_block)
         ax.plot(blocks, [sum(per_block[b]) / len(per_block[b]) for b in blocks], marker=".", label=recipe)
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("mean relative output error")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _finish(fig, ax, "decoder block", "mean relative output error")
