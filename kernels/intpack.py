@@ -2,7 +2,7 @@
 
 Layout
 ------
-A code matrix ``codes[rows, n]`` with ``bits`` in 2..8 (every code ``0 <= c < 2**bits``) is packed
+A code matrix ``codes[rows, n]`` with ``bits`` in 1..16 (every code ``0 <= c < 2**bits``) is packed
 into ``words[rows, ceil(n * bits / 32)]`` of dtype int32. Rows are independent: each row is one
 little-endian bitstream, and no row shares a word with another.
 
@@ -15,17 +15,18 @@ little-endian bitstream, and no row shares a word with another.
 * Words are stored as int32 only because safetensors and torch lack a general uint32; read them
   as the unsigned 32-bit pattern (the two's-complement bit pattern is the payload).
 
-Consequently, for bits in {2, 4, 8} word ``k`` holds codes ``k*32/bits .. (k+1)*32/bits - 1`` with
-code ``k*32/bits + i`` in bits ``[i * bits, (i + 1) * bits)``, and for bits 3, 5, 6, 7 every 32
-consecutive codes fill exactly ``bits`` words.
+Consequently, for bits in {1, 2, 4, 8, 16} word ``k`` holds codes ``k*32/bits .. (k+1)*32/bits - 1`` with
+code ``k*32/bits + i`` in bits ``[i * bits, (i + 1) * bits)``, and for any other width every 32
+consecutive codes fill exactly ``bits`` words. Widths 1..8 serve integer weight codes and masks,
+9..16 vector-quantization codebook indices (e.g. 12 bits for K = 4096).
 """
 
 from __future__ import annotations
 
 import torch
 
-MIN_BITS = 2
-MAX_BITS = 8
+MIN_BITS = 1
+MAX_BITS = 16
 _WORD_BITS = 32
 _U32_MASK = 0xFFFFFFFF
 
@@ -47,7 +48,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
         raise ValueError(f"codes must be a 2-D tensor [rows, n], got {_describe(codes)}")
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
-        raise ValueError(f"codes must have an integer dtype (uint8 expected), got {codes.dtype}")
+        raise ValueError(f"codes must have an integer dtype, got {codes.dtype}")
     rows, n = codes.shape
     n_words = packed_width(n, bits)
     if codes.numel() == 0:
@@ -57,7 +58,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, got range [{lo}, {hi}]")
 
     word_idx, shift = _positions(n, bits, codes.device)
-    # A code shifted into place spans at most 8 + 31 = 39 bits, so int64 holds it whole: the low 32
+    # A code shifted into place spans at most 16 + 31 = 47 bits, so int64 holds it whole: the low 32
     # bits belong to its first word and anything above spills into the next word. Codes never
     # overlap, so adding the pieces equals OR-ing them.
     placed = codes.to(torch.int64) << shift
@@ -68,8 +69,10 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Exact inverse of :func:`pack_rows`: int32 ``words[rows, ceil(n*bits/32)]`` -> uint8 ``[rows, n]``."""
-    return unpack_rows_int(words, bits, n).to(torch.uint8)
+    """Exact inverse of :func:`pack_rows`: int32 ``words[rows, ceil(n*bits/32)]`` -> ``[rows, n]``,
+    uint8 for widths up to 8 bits, int32 above."""
+    codes = unpack_rows_int(words, bits, n)
+    return codes.to(torch.uint8) if bits <= 8 else codes
 
 
 def unpack_rows_int(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -91,7 +94,7 @@ def unpack_rows_int(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         return torch.zeros(rows, n, dtype=torch.int32, device=words.device)
 
     if _WORD_BITS % bits == 0:
-        # Fast path for 2/4/8 bits: no code straddles a word, so each word expands into a fixed
+        # Fast path for 1/2/4/8/16 bits: no code straddles a word, so each word expands into a fixed
         # number of codes with one broadcast shift in int32. The arithmetic shift drags the sign
         # bit down, but the mask keeps only the code's own bits.
         per_word = _WORD_BITS // bits
@@ -99,7 +102,7 @@ def unpack_rows_int(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         codes = (words.unsqueeze(-1) >> shifts) & mask
         return codes.reshape(rows, n_words * per_word)[:, :n]
 
-    # General path (3, 5, 6, 7 bits): 32 consecutive codes fill exactly `bits` words, so view each
+    # General path (every other width): 32 consecutive codes fill exactly `bits` words, so view each
     # row as blocks of `bits` words. Inside a block, code k always starts at the same word and bit
     # offset, so one strided int32 operation per k decodes that code of every block at once; this
     # beats a per-code gather by about 8x on CPU.

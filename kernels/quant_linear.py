@@ -19,21 +19,20 @@ computed in float32, then cast to the dtype of the activations.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .intpack import MAX_BITS, MIN_BITS, pack_rows, packed_width, unpack_rows_int
+from .intpack import pack_rows, packed_width, unpack_rows_int
+from .packed_linear import PackedLinear
 
 FORMAT_NAME = "intq"
 _PARAM_KEYS = frozenset({"bits", "group_size"})
+MIN_BITS, MAX_BITS = 2, 8  # integer weight grids; intpack itself packs 1..16
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """Linear layer whose weight is stored as packed group-wise asymmetric integer codes.
 
     ``dtype`` is the dtype :meth:`dequantize` returns by default (the model's compute dtype);
@@ -46,6 +45,7 @@ class QuantLinear(nn.Module):
     """
 
     format_name = FORMAT_NAME
+    packed_fields = ("qweight", "scales", "zeros")
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -62,14 +62,10 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
         _check_shape_params(in_features, out_features, bits, group_size)
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, dtype)
         self.bits = bits
         self.group_size = group_size
-        self.dtype = dtype
-        self.cache_dequantized = False
         n_groups = in_features // group_size
         # Explicit dtypes on every buffer: the HF loader builds this module under a default-dtype
         # context and keeps each checkpoint tensor in the dtype of the buffer it lands in.
@@ -79,12 +75,7 @@ class QuantLinear(nn.Module):
         )
         self.register_buffer("scales", torch.ones(out_features, n_groups, dtype=torch.float16, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.float16, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
-        else:
-            self.register_buffer("bias", None)
-        self._cache: torch.Tensor | None = None
-        self._cache_key: tuple[Any, ...] | None = None
+        self._register_bias(bias, device)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -172,58 +163,6 @@ class QuantLinear(nn.Module):
         grouped = codes.to(torch.float32).view(self.out_features, n_groups, self.group_size)
         weight = (grouped - self.zeros.to(torch.float32).unsqueeze(-1)) * self.scales.to(torch.float32).unsqueeze(-1)
         return weight.view(self.out_features, self.in_features).to(dtype or self.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
-
-    def invalidate_cache(self) -> None:
-        """Drop the cached dequantized weight (it is rebuilt on the next forward if caching is on)."""
-        self._cache = None
-        self._cache_key = None
-
-    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if not self.cache_dequantized:
-            if self._cache is not None:
-                self.invalidate_cache()  # caching was switched off: release the memory
-            return self.dequantize(dtype)
-        key = self._buffer_key(dtype)
-        if self._cache is None or not self._cache_key_matches(key):
-            self._cache = self.dequantize(dtype)
-            self._cache_key = key
-        return self._cache
-
-    def _buffer_key(self, dtype: torch.dtype) -> tuple[Any, ...]:
-        # Weak references tell a replaced buffer apart from the original without keeping the old
-        # one alive; the version counter catches in-place writes such as load_state_dict's copy_.
-        buffers = (self.qweight, self.scales, self.zeros)
-        return tuple(weakref.ref(t) for t in buffers), tuple(t._version for t in buffers), dtype
-
-    def _cache_key_matches(self, key: tuple[Any, ...]) -> bool:
-        assert self._cache_key is not None
-        old_refs, old_versions, old_dtype = self._cache_key
-        new_refs, new_versions, new_dtype = key
-        same_tensors = all(old() is not None and old() is new() for old, new in zip(old_refs, new_refs))
-        return same_tensors and old_versions == new_versions and old_dtype == new_dtype
-
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
-        # .to()/.cuda()/.half() move the buffers but not the plain-attribute cache; drop it so the
-        # next forward dequantizes on the new device.
-        self.invalidate_cache()
-
-        # The buffers are the packed storage format, so a dtype cast of the model (model.to(bf16),
-        # .half()) must not re-round the fp16 scales or the fp32 bias: follow the device change
-        # only, and take the new float dtype as this layer's compute dtype instead.
-        def move_only(t: torch.Tensor) -> torch.Tensor:
-            converted = fn(t)
-            if converted.dtype == t.dtype:
-                return converted
-            if t.is_floating_point() and converted.is_floating_point():
-                self.dtype = converted.dtype
-            return t.to(device=converted.device)
-
-        return super()._apply(move_only, recurse)
 
     def extra_repr(self) -> str:
         return (

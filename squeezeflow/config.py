@@ -86,7 +86,65 @@ class GPTQConfig(IntGridConfig):
     mse_clip: bool = Field(False, description="Search a per-group clipping of the min/max range")
 
 
-MethodConfig = Annotated[Union[RTNConfig, GPTQConfig], Field(discriminator="method")]
+class PruneConfig(Spec):
+    """Weight pruning: `sparsity` is the fraction of weights REMOVED from each matrix (unstructured), or
+    `n_m` = (N, M) keeps N of every M consecutive inputs of a row (semi-structured, e.g. 2:4)."""
+
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of weights removed (unstructured)")
+    n_m: tuple[int, int] | None = Field(None, description="Keep N of every M consecutive inputs, e.g. [2, 4]")
+
+    @field_validator("n_m")
+    @classmethod
+    def _n_m(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 < v[0] < v[1] <= 256):
+            raise ValueError(f"n_m must be (N, M) with 0 < N < M <= 256, got {list(v)}")
+        return v
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1.0 - self.n_m[0] / self.n_m[1] if self.n_m else self.sparsity
+
+
+class NoWagPConfig(PruneConfig):
+    """NoWag-P: prune by the normalized score W̄²·h (column then row normalization, h = E[x²])."""
+
+    method: Literal["nowag-p"] = "nowag-p"
+
+
+class WandaConfig(PruneConfig):
+    """Wanda: prune by |W|·‖X_j‖ compared within each output row (unstructured) or each N:M group."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning: |W| over the whole matrix (unstructured) or each N:M group; no statistics."""
+
+    method: Literal["magnitude"] = "magnitude"
+
+
+class NoWagVQConfig(Spec):
+    """NoWag-VQ: weighted k-means over d-dimensional subvectors of the normalized weight, one codebook of
+    K = 2^(bits·d) centroids per matrix, importance h_j = E[x_j²] as the per-coordinate weight."""
+
+    method: Literal["nowag-vq"] = "nowag-vq"
+    bits: int = Field(2, ge=1, le=4, description="Bits per weight of the codes: K = 2^(bits*d)")
+    d: int = Field(6, ge=1, le=16, description="Subvector length (consecutive inputs of a row)")
+    max_iter: int = Field(100, ge=1, le=1000, description="Lloyd iterations at most (stops early when stable)")
+    init: Literal["kmeans++", "kmeans++-clip"] = Field("kmeans++", description="Seeding: D² sampling, or the original code's clipped variant")
+    seed: int = 0
+
+    @field_validator("d")
+    @classmethod
+    def _codebook_size(cls, d: int, info) -> int:
+        bits = info.data.get("bits", 2)
+        if bits * d > 16:
+            raise ValueError(f"bits*d = {bits * d} > 16: a codebook of 2^{bits * d} centroids is too large (K <= 65536)")
+        return d
+
+
+MethodConfig = Annotated[Union[RTNConfig, GPTQConfig, NoWagPConfig, WandaConfig, MagnitudeConfig, NoWagVQConfig],
+                         Field(discriminator="method")]
 
 
 class Recipe(Spec):
@@ -105,19 +163,37 @@ class Recipe(Spec):
 
 _INT_PRESET = re.compile(r"(rtn|gptq)-w(\d+)(?:g(\d+|c))?(-act)?")
 _INT_CONFIGS = {"rtn": RTNConfig, "gptq": GPTQConfig}
+_PRUNE_PRESET = re.compile(r"(nowag-p|wanda|magnitude)(?:-p)?(?:(\d{1,2})|(\d+):(\d+))")
+_PRUNE_CONFIGS = {"nowag-p": NoWagPConfig, "wanda": WandaConfig, "magnitude": MagnitudeConfig}
+_VQ_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
+# Subvector length by bits when a VQ preset does not name one: K = 4096 centroids (12-bit indices).
+_VQ_DEFAULT_D = {1: 12, 2: 6, 3: 4, 4: 3}
+PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rtn-w8gc", "nowag-p50", "nowag-p2:4",
+                   "nowag-p4:8", "wanda-p50", "wanda-p2:4", "magnitude-p50", "nowag-vq2", "nowag-vq3")
 
 
 def preset(name: str) -> Recipe:
     """Named presets: `<rtn|gptq>-w<bits>g<group>` (e.g. rtn-w4g64, gptq-w3g64), `...gc` or no group for
-    per-channel, and `gptq-...-act` for GPTQ with act-order."""
+    per-channel, and `gptq-...-act` for GPTQ with act-order; pruning `<nowag-p|wanda|magnitude>` with
+    `p<percent removed>` or `p<N>:<M>` (nowag-p50, wanda-p2:4); `nowag-vq<bits>[d<dim>]` (nowag-vq2 =
+    2 bits, d = 6, K = 4096)."""
     if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and m.group(4)):
         method, bits, group = m.group(1), int(m.group(2)), m.group(3)
         kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}
         if m.group(4):
             kwargs["act_order"] = True
         return Recipe(name=name, methods=[_INT_CONFIGS[method](**kwargs)])
-    raise BadInput(f"unknown recipe {name!r}: use a preset such as rtn-w4g64, rtn-w3g64, gptq-w3g64, "
-                   "gptq-w4g64-act, rtn-w8gc, or a YAML file")
+    try:
+        if m := _PRUNE_PRESET.fullmatch(name):
+            kwargs = {"sparsity": int(m.group(2)) / 100} if m.group(2) else {"n_m": (int(m.group(3)), int(m.group(4)))}
+            return Recipe(name=name, methods=[_PRUNE_CONFIGS[m.group(1)](**kwargs)])
+        if m := _VQ_PRESET.fullmatch(name):
+            bits = int(m.group(1))
+            d = int(m.group(2)) if m.group(2) else _VQ_DEFAULT_D.get(bits, 1)
+            return Recipe(name=name, methods=[NoWagVQConfig(bits=bits, d=d)])
+    except ValidationError as e:
+        raise BadInput(f"recipe {name!r}: {one_line(e)}") from None
+    raise BadInput(f"unknown recipe {name!r}: use a preset such as {', '.join(PRESET_EXAMPLES)}, or a YAML file")
 
 
 def load_recipe(spec: str) -> Recipe:
