@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from .quant_linear import QuantLinear
+from .sparse_linear import NMLinear, SparseLinear
 
-FORMATS: dict[str, type[nn.Module]] = {QuantLinear.format_name: QuantLinear}
+FORMATS: dict[str, type[nn.Module]] = {cls.format_name: cls for cls in (QuantLinear, SparseLinear, NMLinear)}
 
 
 def format_class(format_name: str) -> type[nn.Module]:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from .base import CompressedLinear, Method
 from .gptq import GPTQ
+from .prune import Magnitude, NoWagP, Wanda
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {RTN.name: RTN, GPTQ.name: GPTQ}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, NoWagP, Wanda, Magnitude)}
 
 
 def get_method(config) -> Method:
