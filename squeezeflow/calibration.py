@@ -322,6 +322,24 @@ def tokenize(text: str, tokenizer, batch: int = 256) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+# (text sha256, tokenizer sha256) -> ids. Evaluating several recipes in one process (a sweep, the test
+# suite) tokenizes the same held-out text with the same tokenizer again and again; ids are never mutated.
+_TOKEN_MEMO: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def tokenize_source(text: "TextSource", tokenizer) -> torch.Tensor:
+    """`tokenize(text.text)`, memoized per process by the text's and the tokenizer's sha256."""
+    tok_sha = tokenizer_fingerprint(tokenizer)["sha256"]
+    if tok_sha is None:
+        return tokenize(text.text, tokenizer)
+    key = (text.sha256, tok_sha)
+    if key not in _TOKEN_MEMO:
+        if len(_TOKEN_MEMO) >= 8:  # a few MB each; drop the oldest
+            _TOKEN_MEMO.pop(next(iter(_TOKEN_MEMO)))
+        _TOKEN_MEMO[key] = tokenize(text.text, tokenizer)
+    return _TOKEN_MEMO[key]
+
+
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """`n` windows of `seqlen` tokens at uniformly random start offsets -> LongTensor [n, seqlen].
 
@@ -412,7 +430,7 @@ class CalibrationSet:
 def build_calibration_set(source: str, tokenizer, n: int, seqlen: int, seed: int) -> CalibrationSet:
     """load_text -> tokenize -> sample_windows, recording the provenance of each step."""
     text = load_text(source)
-    ids = tokenize(text.text, tokenizer)
+    ids = tokenize_source(text, tokenizer)
     windows = sample_windows(ids, n, seqlen, seed)
     provenance = {
         "source": text.name,

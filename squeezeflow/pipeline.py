@@ -289,13 +289,13 @@ def git_commit() -> str | None:
 
 def eval_protocol(model: ModelInfo, spec: EvalSpec) -> dict[str, tuple[torch.Tensor, dict]]:
     """The held-out windows of each split and the protocol record that makes the number reproducible."""
-    from .calibration import eval_windows, load_text, tokenize, tokenizer_fingerprint
+    from .calibration import eval_windows, load_text, tokenize_source, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(Path(model.path), model.trust_remote_code)
     out = {}
     for split in spec.splits:
         text = load_text(split)
-        ids = tokenize(text.text, tokenizer)
+        ids = tokenize_source(text, tokenizer)
         windows = eval_windows(ids, spec.seqlen, spec.max_windows)
         out[split] = (windows, {"corpus_sha256": text.sha256, "corpus_tokens": int(ids.numel()),
                                 "seqlen": spec.seqlen, "windows": int(windows.shape[0]),
