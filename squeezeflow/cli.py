@@ -130,13 +130,13 @@ def cmd_sweep(args) -> int:
 def _table(results: list[dict]) -> str:
     base = results[0]["results"][0]
     splits = list(base["perplexity"])
-    head = ["recipe", *[f"ppl {s}" for s in splits], "bits/w", "size MiB", "wall s"]
+    head = ["recipe", *[f"ppl {s}" for s in splits], "bits/w", "sparsity", "size MiB", "wall s"]
     rows = [["fp32", *[f"{base['perplexity'][s]:.3f}" for s in splits], f"{base['bits_per_weight']:.2f}",
-             f"{base['size_bytes'] / 2**20:.1f}", "-"]]
+             f"{base.get('weight_sparsity', 0.0):.3f}", f"{base['size_bytes'] / 2**20:.1f}", "-"]]
     for r in results:
         m = r["results"][1]
         rows.append([m["recipe"], *[f"{m['perplexity'][s]:.3f}" for s in splits], f"{m['bits_per_weight']:.3f}",
-                     f"{m['size_bytes'] / 2**20:.1f}", f"{r['wall_s']:.1f}"])
+                     f"{m.get('weight_sparsity', 0.0):.3f}", f"{m['size_bytes'] / 2**20:.1f}", f"{r['wall_s']:.1f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*head), fmt.format(*["-" * w for w in widths]), *[fmt.format(*r) for r in rows]])

@@ -25,7 +25,7 @@ from .models import LayerStream, decoder_linears, load_config, load_tokenizer, r
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "3", "publish": "3"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "4", "publish": "4"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -441,7 +441,8 @@ def table_rows(result: dict) -> list[dict]:
     rows = []
     for m in result["results"]:
         row = {"recipe": m["recipe"], **{f"ppl {k}": round(v, 3) for k, v in m["perplexity"].items()},
-               "bits/weight": round(m["bits_per_weight"], 3), "size MiB": round(m["size_bytes"] / 2**20, 1)}
+               "bits/weight": round(m["bits_per_weight"], 3), "sparsity": round(m.get("weight_sparsity", 0.0), 3),
+               "size MiB": round(m["size_bytes"] / 2**20, 1)}
         if "flow_wall_s" in (m.get("speed") or {}):
             row["wall s"] = m["speed"]["flow_wall_s"]
         rows.append(row)

@@ -10,7 +10,8 @@ from ..store import canonical_json
 def comparison_rows(metrics: list[dict]) -> list[dict]:
     rows = []
     for m in metrics:
-        row = {"recipe": m["recipe"], "bits_per_weight": round(m["bits_per_weight"], 4), "size_bytes": m["size_bytes"]}
+        row = {"recipe": m["recipe"], "bits_per_weight": round(m["bits_per_weight"], 4), "size_bytes": m["size_bytes"],
+               "sparsity": round(m.get("weight_sparsity", 0.0), 4)}
         row.update({f"ppl_{k}": round(v, 4) for k, v in sorted(m["perplexity"].items())})
         row["uri"] = m.get("uri") or ""
         rows.append(row)

@@ -13,11 +13,12 @@ def _fmt_size(n: int) -> str:
 def render(metrics: dict, base: dict, lineage: dict, layer_errors: dict[str, dict]) -> str:
     splits = list(base["perplexity"])
     lines = [f"# {lineage['model']['name']} · {metrics['recipe']}", "",
-             "| model | " + " | ".join(f"ppl {s}" for s in splits) + " | bits/weight | size |",
-             "|---" * (len(splits) + 3) + "|"]
+             "| model | " + " | ".join(f"ppl {s}" for s in splits) + " | bits/weight | sparsity | size |",
+             "|---" * (len(splits) + 4) + "|"]
     for m in (base, metrics):
         cells = [f"{m['perplexity'][s]:.3f}" for s in splits]
-        lines.append(f"| {m['recipe']} | " + " | ".join(cells) + f" | {m['bits_per_weight']:.3f} | {_fmt_size(m['size_bytes'])} |")
+        lines.append(f"| {m['recipe']} | " + " | ".join(cells) + f" | {m['bits_per_weight']:.3f} | "
+                     f"{m.get('weight_sparsity', 0.0):.3f} | {_fmt_size(m['size_bytes'])} |")
     calib = lineage["calibration"]
     lines += ["", "## Protocol", "",
               f"- Calibration: {calib['n']} windows × {calib['seqlen']} tokens from `{calib['source']}` "
@@ -27,8 +28,10 @@ def render(metrics: dict, base: dict, lineage: dict, layer_errors: dict[str, dic
     for split, p in metrics["protocol"]["evaluation"].items():
         lines.append(f"- `{split}`: {p['windows']} windows × {p['seqlen']} tokens ({p['selection']}) "
                      f"of {p['corpus_tokens']} tokens; corpus sha256 {p['corpus_sha256'][:16]}…")
-    lines.append("- Bits per weight: bytes of every stored field of the targeted linears (codes, scales, zeros) "
-                 "× 8 / their weight count. Embeddings, norms and lm_head stay fp32 and count in size only.")
+    lines.append("- Bits per weight: bytes of every stored field of the targeted linears (codes, scales, zeros, "
+                 "masks, values, indices, codebooks, norms) × 8 / their weight count. Sparsity: the fraction of "
+                 "those weights the checkpoint does not store. Embeddings, norms and lm_head stay fp32 and count "
+                 "in size only.")
     if lineage["model"]["name"].startswith("smollm2"):
         lines += ["", f"> {CAVEAT_4BIT}"]
     lines += ["", "## Per-layer reconstruction error", "",

@@ -27,4 +27,4 @@ def test_comparison_files_list_every_recipe():
     md = files["comparison.md"].decode()
     assert all(f"| {m['recipe']} |" in md for m in METRICS)
     csv_lines = files["comparison.csv"].decode().splitlines()
-    assert csv_lines[0].startswith("recipe,bits_per_weight,size_bytes,ppl_a,ppl_b") and len(csv_lines) == 4
+    assert csv_lines[0].startswith("recipe,bits_per_weight,size_bytes,sparsity,ppl_a,ppl_b") and len(csv_lines) == 4

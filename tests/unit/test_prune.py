@@ -112,6 +112,7 @@ def test_pipeline_packs_sparse_and_loads_with_from_pretrained(tiny_model, tmp_pa
         assert mask.float().mean().item() == pytest.approx(0.5)
     metrics = pipeline.evaluate_path(packed, plan.model, plan.evaluation, recipe)
     assert metrics["bits_per_weight"] == pytest.approx(bits)
+    assert metrics["weight_sparsity"] == pytest.approx(0.5)  # counted from the stored values
     assert metrics["kl"]["moby-dick"]["kl"] > 0
     x = torch.randint(0, 1000, (1, 16))
     assert not torch.allclose(net(x).logits, dense(x).logits)
