@@ -22,6 +22,7 @@ from .config import CalibrationSpec, EvalSpec, ModelRef, Recipe, load_recipe
 from .errors import BadInput
 from .methods import get_method
 from .models import LayerStream, decoder_linears, load_config, load_tokenizer, resolve_model
+from .registry import check_name as check_registry_name
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
@@ -73,6 +74,9 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     if len(recipe.methods) != 1:
         raise BadInput(f"recipe {recipe.name!r} lists {len(recipe.methods)} methods; this version runs one weight method per recipe")
     resolved = resolve_model(model.ref)
+    # The registry keys artifacts by model and recipe name: refuse names it cannot hold now, not at publish.
+    check_registry_name("model", resolved.name)
+    check_registry_name("recipe", recipe.name)
     config = load_config(resolved.path, model.trust_remote_code)
     if getattr(config, "quantization_config", None):
         raise BadInput(f"model {model.ref!r} is already compressed; compress its base model instead")

@@ -38,7 +38,8 @@ MANIFEST = "manifest.json"
 IGNORED_FILES = frozenset({".squeezeflow-complete"})
 ALIAS_HISTORY = 20
 MAX_PUT_BYTES = 5 * 1024**3  # S3's single-PUT limit
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+# ':' is allowed for recipe names such as nowag-p2:4 (N:M pruning); it is a plain character in S3 keys.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$")
 
 
 class ImmutableEntryError(BadInput):
@@ -123,7 +124,7 @@ class Registry:
         existing id is refused.
         """
         for label, name in (("model", model), ("recipe", recipe), ("artifact id", artifact_id)):
-            _check_name(label, name)
+            check_name(label, name)
         local = Path(local_dir)
         for rel, meta in read_manifest(local)["files"].items():  # before hashing gigabytes
             if meta["size"] > MAX_PUT_BYTES:
@@ -150,7 +151,7 @@ class Registry:
 
     def promote(self, uri_or_ref: str, alias: str) -> Entry:
         """Point `alias` of the entry's model/recipe at the entry (conditional write, retried)."""
-        _check_name("alias", alias)
+        check_name("alias", alias)
         entry = self._parse_entry(self.resolve(uri_or_ref))
         with self._errors(f"promote {entry.uri} to {alias}"):
             self._move_alias(entry, alias)
@@ -166,7 +167,7 @@ class Registry:
                 path, _, alias = ref.partition("@")
                 model, recipe = _split_ref(ref, path, 2)
                 alias = alias or "latest"
-                _check_name("alias", alias)
+                check_name("alias", alias)
                 pointer = self._read_alias(model, recipe, alias)[0]
                 if pointer is None:
                     known = sorted(self._aliases_of(model, recipe))
@@ -183,7 +184,7 @@ class Registry:
         """Complete entries (manifest present), oldest first, with their aliases and metrics."""
         for label, name in (("model", model), ("recipe", recipe)):
             if name is not None:
-                _check_name(label, name)
+                check_name(label, name)
         sub = "/".join(p for p in ("models", model, recipe if model else None) if p)
         with self._errors(f"list {self.uri}"):
             manifests = [(k, lm) for k, lm in self._keys(self.loc.key(sub) + "/")
@@ -255,7 +256,7 @@ class Registry:
     # --- internals: entries ---------------------------------------------------------------------
     def _entry(self, model: str, recipe: str, artifact_id: str) -> Entry:
         for label, name in (("model", model), ("recipe", recipe), ("artifact id", artifact_id)):
-            _check_name(label, name)
+            check_name(label, name)
         return Entry(self.loc.uri("models", model, recipe, artifact_id), model, recipe, artifact_id)
 
     def _parse_entry(self, uri: str) -> Entry:
@@ -480,9 +481,10 @@ def open_registry(uri: str | None = None) -> Registry:
 
 # --- helpers ----------------------------------------------------------------------------------------
 
-def _check_name(label: str, name: str) -> None:
+def check_name(label: str, name: str) -> None:
+    """BadInput unless `name` can be a registry model/recipe/alias name."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise BadInput(f"invalid {label} {name!r}: use letters, digits and . _ + - (no slashes, at most 128)")
+        raise BadInput(f"invalid {label} {name!r}: use letters, digits and . _ + : - (no slashes, at most 128)")
 
 
 def _split_ref(ref: str, path: str, parts: int) -> list[str]:

@@ -42,3 +42,21 @@ class EnvSnapshot:
         os.environ.update(self.env)
         services._exported_s3, services._exported_prefect = self.exported
         reset_boto3_session()
+
+
+def run_stages(store, plan, base: bool = True) -> dict:
+    """The six stages (publish excluded) as plain functions, no Prefect: what a flow run computes.
+    Returns the stage outputs by name; `base=False` skips the fp32 baseline evaluation."""
+    from squeezeflow import pipeline
+
+    calib = pipeline.calibrate(store, plan.model, plan.calibration)
+    stats = pipeline.saliency(store, plan.model, calib, plan.statistics)
+    if plan.sequential:
+        blocks = pipeline.compress_sequential(store, plan.model, plan.recipe, calib, stats)
+    else:
+        blocks = [pipeline.compress_block(store, plan.model, i, plan.recipe, stats) for i in range(plan.model.num_layers)]
+    packed = pipeline.pack(store, plan.model, plan.recipe, blocks)
+    metrics = pipeline.evaluate(store, plan.model, packed, plan.evaluation, plan.recipe.name)
+    baseline = pipeline.evaluate(store, plan.model, None, plan.evaluation, "fp32") if base else metrics
+    artifact = pipeline.assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
+    return {"calib": calib, "stats": stats, "blocks": blocks, "packed": packed, "metrics": metrics, "artifact": artifact}

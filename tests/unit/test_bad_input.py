@@ -29,6 +29,10 @@ CASES = {
     "seqlen above max": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--seqlen", "4096"], "exceeds the model's maximum of 512"),
     "unknown recipe": (["compress", "{tiny}", "--recipe", "awq-w4g32"], "unknown recipe"),
     "negative samples": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--calib-samples", "0"], "n_samples"),
+    "N:M that does not divide": (["compress", "{tiny}", "--recipe", "nowag-p5:7"], "divisible by 7"),
+    "sparsity 100%": (["compress", "{tiny}", "--recipe", "wanda-p100"], "unknown recipe"),
+    "VQ codebook too large": (["compress", "{tiny}", "--recipe", "nowag-vq3d8"], "too large"),
+    "model name the registry cannot hold": (["compress", "{spaced}", "--recipe", "rtn-w4g32"], "invalid model 'tiny llama'"),
     "unreachable S3": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--registry", "s3://nowhere/reg"], "unreachable"),
 }
 
@@ -38,7 +42,10 @@ def test_bad_input_is_one_line_exit_2(case, tiny_model, tmp_path):
     args, expected = CASES[case]
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
-    args = [a.format(tiny=tiny_model, empty=empty) for a in args]
+    spaced = tmp_path / "tiny llama"
+    if "{spaced}" in args:
+        spaced.symlink_to(tiny_model, target_is_directory=True)
+    args = [a.format(tiny=tiny_model, empty=empty, spaced=spaced) for a in args]
     # Port 9 on loopback (discard) has no S3 server: connection refused straight away.
     p, elapsed, store = run_cli(args, {"SQUEEZEFLOW_S3_ENDPOINT": "http://127.0.0.1:9"}, tmp_path)
     assert p.returncode == 2, p.stderr

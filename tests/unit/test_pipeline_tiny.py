@@ -9,21 +9,11 @@ from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.methods.rtn import dequantize_groupwise
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
+from sf_testing import run_stages
 
 CALIB = CalibrationSpec(n_samples=4, seqlen=32, seed=0)
 EVAL = EvalSpec(seqlen=32, max_windows=2)
 METRIC_KEYS = {"recipe", "uri", "bits_per_weight", "size_bytes", "perplexity", "kl", "accuracy", "speed", "protocol"}
-
-
-def run_stages(store, plan):
-    calib = pipeline.calibrate(store, plan.model, plan.calibration)
-    stats = pipeline.saliency(store, plan.model, calib, plan.statistics)
-    blocks = [pipeline.compress_block(store, plan.model, i, plan.recipe, stats) for i in range(plan.model.num_layers)]
-    packed = pipeline.pack(store, plan.model, plan.recipe, blocks)
-    metrics = pipeline.evaluate(store, plan.model, packed, plan.evaluation, plan.recipe.name)
-    base = pipeline.evaluate(store, plan.model, None, plan.evaluation, "fp32")
-    artifact = pipeline.assemble(store, plan, calib, stats, blocks, packed, metrics, base)
-    return {"calib": calib, "stats": stats, "blocks": blocks, "packed": packed, "artifact": artifact}
 
 
 @pytest.fixture(scope="module")

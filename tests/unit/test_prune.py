@@ -12,6 +12,7 @@ from squeezeflow.methods.nowag_norm import denormalize, normalize
 from squeezeflow.methods.prune import prune_mask
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
+from sf_testing import run_stages
 
 
 def _w_h(seed=0, out_f=32, in_f=48):
@@ -94,10 +95,8 @@ def test_pipeline_packs_sparse_and_loads_with_from_pretrained(tiny_model, tmp_pa
     plan = pipeline.preflight(ModelRef(ref=str(tiny_model)), recipe, CalibrationSpec(n_samples=4, seqlen=32),
                               EvalSpec(seqlen=32, max_windows=2, kl_windows=1))
     assert "hdiag" in plan.statistics and not plan.sequential
-    calib = pipeline.calibrate(store, plan.model, plan.calibration)
-    stats = pipeline.saliency(store, plan.model, calib, plan.statistics)
-    blocks = [pipeline.compress_block(store, plan.model, i, plan.recipe, stats) for i in range(plan.model.num_layers)]
-    packed = store.materialize(pipeline.pack(store, plan.model, plan.recipe, blocks))
+    run = run_stages(store, plan, base=False)
+    blocks, packed = run["blocks"], store.materialize(run["packed"])
     config = json.loads((packed / "config.json").read_text())
     fmt = "nm" if ":" in recipe else "sparse"
     assert {e["format"] for e in config["quantization_config"]["modules"].values()} == {fmt}
@@ -110,7 +109,7 @@ def test_pipeline_packs_sparse_and_loads_with_from_pretrained(tiny_model, tmp_pa
         mask = data["self_attn.q_proj.mask"]
         assert torch.equal(w_packed, torch.where(mask, data["self_attn.q_proj.weight"].float(), 0.0))
         assert mask.float().mean().item() == pytest.approx(0.5)
-    metrics = pipeline.evaluate_path(packed, plan.model, plan.evaluation, recipe)
+    metrics = store.get_json(run["metrics"])
     assert metrics["bits_per_weight"] == pytest.approx(bits)
     assert metrics["weight_sparsity"] == pytest.approx(0.5)  # counted from the stored values
     assert metrics["kl"]["moby-dick"]["kl"] > 0
