@@ -23,10 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .outlier_linear import OutlierQuantLinear
 from .quant_linear import QuantLinear
 from .sparse_linear import NMLinear, SparseLinear
+from .vq_linear import VQLinear
 
-FORMATS: dict[str, type[nn.Module]] = {cls.format_name: cls for cls in (QuantLinear, SparseLinear, NMLinear)}
+FORMATS: dict[str, type[nn.Module]] = {cls.format_name: cls for cls in (QuantLinear, OutlierQuantLinear, SparseLinear, NMLinear, VQLinear)}
 
 
 def format_class(format_name: str) -> type[nn.Module]:

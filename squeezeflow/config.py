@@ -86,6 +86,21 @@ class GPTQConfig(IntGridConfig):
     mse_clip: bool = Field(False, description="Search a per-group clipping of the min/max range")
 
 
+class GWQConfig(IntGridConfig):
+    """GWQ: the top `outlier_frac` most salient weights of each matrix stay fp16 (sparse, CSR), the rest
+    is group-wise integer (RTN, or GPTQ treating the outliers as exact). Saliency from the gradients of
+    the next-token loss on `n_grad` calibration windows (abs_grad = |Σg|), or an ablation score."""
+
+    method: Literal["gwq"] = "gwq"
+    outlier_frac: float = Field(0.01, ge=0.0, le=0.5, description="Fraction of each matrix kept in fp16")
+    score: Literal["abs_grad", "taylor", "fisher", "hessian", "magnitude", "random"] = Field(
+        "abs_grad", description="Outlier selection: |Σg|, |Σg·w|, Σg², w²·h, |w|, or random (seeded)")
+    n_grad: int = Field(8, ge=1, le=4096, description="Calibration windows for the gradients")
+    base: Literal["rtn", "gptq"] = Field("rtn", description="Quantizer for the non-outliers")
+    damp: float = Field(0.01, gt=0, le=1, description="GPTQ dampening (base=gptq)")
+    seed: int = Field(0, description="Seed of the random selection (score=random)")
+
+
 class PruneConfig(Spec):
     """Weight pruning: `sparsity` is the fraction of weights REMOVED from each matrix (unstructured), or
     `n_m` = (N, M) keeps N of every M consecutive inputs of a row (semi-structured, e.g. 2:4)."""
@@ -143,7 +158,7 @@ class NoWagVQConfig(Spec):
         return d
 
 
-MethodConfig = Annotated[Union[RTNConfig, GPTQConfig, NoWagPConfig, WandaConfig, MagnitudeConfig, NoWagVQConfig],
+MethodConfig = Annotated[Union[RTNConfig, GPTQConfig, GWQConfig, NoWagPConfig, WandaConfig, MagnitudeConfig, NoWagVQConfig],
                          Field(discriminator="method")]
 
 
@@ -163,12 +178,15 @@ class Recipe(Spec):
 
 _INT_PRESET = re.compile(r"(rtn|gptq)-w(\d+)(?:g(\d+|c))?(-act)?")
 _INT_CONFIGS = {"rtn": RTNConfig, "gptq": GPTQConfig}
+_GWQ_PRESET = re.compile(r"gwq-w(\d+)(?:g(\d+|c))?(-gptq)?(?:-(abs_grad|taylor|fisher|hessian|magnitude|random))?"
+                         r"(?:-n(\d+))?(?:-o(\d+(?:\.\d+)?))?")
 _PRUNE_PRESET = re.compile(r"(nowag-p|wanda|magnitude)(?:-p)?(?:(\d{1,2})|(\d+):(\d+))")
 _PRUNE_CONFIGS = {"nowag-p": NoWagPConfig, "wanda": WandaConfig, "magnitude": MagnitudeConfig}
 _VQ_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
 # Subvector length by bits when a VQ preset does not name one: K = 4096 centroids (12-bit indices).
 _VQ_DEFAULT_D = {1: 12, 2: 6, 3: 4, 4: 3}
-PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rtn-w8gc", "nowag-p50", "nowag-p2:4",
+PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rtn-w8gc", "gwq-w3g64", "gwq-w3g64-gptq",
+                   "gwq-w3g64-fisher-n32-o2", "nowag-p50", "nowag-p2:4",
                    "nowag-p4:8", "wanda-p50", "wanda-p2:4", "magnitude-p50", "nowag-vq2", "nowag-vq3")
 
 
@@ -176,7 +194,8 @@ def preset(name: str) -> Recipe:
     """Named presets: `<rtn|gptq>-w<bits>g<group>` (e.g. rtn-w4g64, gptq-w3g64), `...gc` or no group for
     per-channel, and `gptq-...-act` for GPTQ with act-order; pruning `<nowag-p|wanda|magnitude>` with
     `p<percent removed>` or `p<N>:<M>` (nowag-p50, wanda-p2:4); `nowag-vq<bits>[d<dim>]` (nowag-vq2 =
-    2 bits, d = 6, K = 4096)."""
+    2 bits, d = 6, K = 4096); `gwq-w<bits>g<group>[-gptq][-<score>][-n<grad windows>][-o<outlier %>]`
+    (gwq-w3g64 = RTN base, |Σg| saliency on 8 windows, 1% fp16 outliers)."""
     if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and m.group(4)):
         method, bits, group = m.group(1), int(m.group(2)), m.group(3)
         kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}
@@ -184,6 +203,16 @@ def preset(name: str) -> Recipe:
             kwargs["act_order"] = True
         return Recipe(name=name, methods=[_INT_CONFIGS[method](**kwargs)])
     try:
+        if m := _GWQ_PRESET.fullmatch(name):
+            kwargs = {"bits": int(m.group(1)), "group_size": None if m.group(2) in (None, "c") else int(m.group(2)),
+                      "base": "gptq" if m.group(3) else "rtn"}
+            if m.group(4):
+                kwargs["score"] = m.group(4)
+            if m.group(5):
+                kwargs["n_grad"] = int(m.group(5))
+            if m.group(6):
+                kwargs["outlier_frac"] = float(m.group(6)) / 100
+            return Recipe(name=name, methods=[GWQConfig(**kwargs)])
         if m := _PRUNE_PRESET.fullmatch(name):
             kwargs = {"sparsity": int(m.group(2)) / 100} if m.group(2) else {"n_m": (int(m.group(3)), int(m.group(4)))}
             return Recipe(name=name, methods=[_PRUNE_CONFIGS[m.group(1)](**kwargs)])

@@ -93,7 +93,8 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     # Layer-wise methods read statistics of the dense model (one saliency pass feeds them all);
     # sequential ones collect theirs on the fly, on activations through the already-compressed blocks.
     methods = [get_method(m) for m in recipe.methods]
-    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in methods if m.layerwise for s in m.requires}))
+    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in methods if m.layerwise for s in m.requires}
+                         | {s for m in methods for s in m.dense_requires}))
     info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
                      num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
     return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=stats,
@@ -136,7 +137,7 @@ def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str
     w_hats: dict[str, torch.Tensor] = {}
     for name in linears:
         w = weights[f"{name}.weight"]
-        lin_stats = {k: v[name] for k, v in block_stats.items() if name in v}
+        lin_stats = linear_stats(block_stats, name)
         c = method.compress_linear(f"model.layers.{block}.{name}", w, lin_stats)
         w_hats[name] = method.dequantize(c)
         layers[name] = {"format": c.format, "params": c.params, **c.metrics,
@@ -147,6 +148,19 @@ def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str
             tensors[f"{name}.bias"] = weights[f"{name}.bias"]
     meta = {"layers": json.dumps(layers, sort_keys=True)}
     return store.put_tensors(tensors, kind="compressed-block", metadata=meta), w_hats
+
+
+def linear_stats(block_stats: dict[str, dict[str, torch.Tensor]], linear: str) -> dict[str, torch.Tensor]:
+    """One linear's statistics: {statistic: tensor} for collectors keyed by linear name (hdiag, xtx), and
+    {statistic.field: tensor} for those with several fields per linear (gradients: abs_sum, sq_sum)."""
+    out = {}
+    for stat, tensors in block_stats.items():
+        for key, t in tensors.items():
+            if key == linear:
+                out[stat] = t
+            elif key.startswith(linear + "."):
+                out[f"{stat}.{key[len(linear) + 1:]}"] = t
+    return out
 
 
 def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref,

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from .base import CompressedLinear, Method
 from .gptq import GPTQ
+from .gwq import GWQ
+from .nowag_vq import NoWagVQ
 from .prune import Magnitude, NoWagP, Wanda
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, NoWagP, Wanda, Magnitude)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, GWQ, NoWagP, Wanda, Magnitude, NoWagVQ)}
 
 
 def get_method(config) -> Method:

@@ -26,8 +26,11 @@ class CompressedLinear:
 
 class Method(ABC):
     name: ClassVar[str]
-    requires: ClassVar[tuple[str, ...]] = ()   # statistics collectors this method reads (stats.COLLECTORS)
-    layerwise: ClassVar[bool] = True           # independent per block => the flow fans out per block
+    requires: tuple[str, ...] = ()         # statistics this method reads (stats.COLLECTORS, "gradients:<n>")
+    layerwise: bool = True                 # independent per block => the flow fans out per block
+    # Sequential methods only: statistics taken from the DENSE model by the saliency stage (their
+    # `requires` are collected on the fly, through the already-compressed blocks).
+    dense_requires: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config

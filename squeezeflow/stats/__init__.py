@@ -7,7 +7,8 @@ the same inputs, in any process, gets the stored statistics back without touchin
 
 Hook collectors (COLLECTORS): hdiag (diag XᵀX), xtx (full XᵀX), residual_cov (E[x xᵀ] at the norms),
 block_io (block input/output similarity). "gradients" is not a hook collector (it needs a backward
-pass): `collect` routes it to `gradients.collect_gradients`, on `gradient_windows` windows.
+pass): `collect` routes it to `gradients.collect_gradients`, on `gradient_windows` windows, or on n
+windows when asked for as "gradients:<n>" (a recipe asks for the count it needs).
 """
 from __future__ import annotations
 
@@ -52,17 +53,18 @@ def stats_key(collector: str, model_fingerprint: str, calib_sha256: str, version
 
 def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref, names: list[str],
             batch_size: int = 4, trust_remote_code: bool = False, gradient_windows: int = 8) -> dict[str, StatsRef]:
-    unknown = sorted(set(names) - set(COLLECTORS) - {GRADIENTS})
+    gradient_names = [n for n in names if n == GRADIENTS or n.startswith(GRADIENTS + ":")]
+    unknown = sorted(set(names) - set(COLLECTORS) - set(gradient_names))
     if unknown:
-        raise ValueError(f"unknown statistics {unknown}; known: {sorted([*COLLECTORS, GRADIENTS])}")
+        raise ValueError(f"unknown statistics {unknown}; known: {sorted([*COLLECTORS, GRADIENTS, GRADIENTS + ':<n>'])}")
     out: dict[str, StatsRef] = {}
-    if GRADIENTS in names:
+    for name in sorted(gradient_names):
         from .gradients import collect_gradients  # imports this module: load it only when needed
 
-        out[GRADIENTS] = collect_gradients(store, model_path, model_fingerprint, calib, gradient_windows,
-                                           trust_remote_code, batch_size)
+        n = gradient_windows if name == GRADIENTS else int(name.split(":", 1)[1])
+        out[name] = collect_gradients(store, model_path, model_fingerprint, calib, n, trust_remote_code, batch_size)
     todo = []
-    for name in sorted(set(names) - {GRADIENTS}):
+    for name in sorted(set(names) - set(gradient_names)):
         key = stats_key(name, model_fingerprint, calib.sha256)
         cached = store.get_index(key)
         if cached is not None:
