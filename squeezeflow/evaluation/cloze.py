@@ -203,10 +203,11 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split: trailing context spaces move to the continuation, the whole string is tokenized
-    once and the continuation is what follows the context's own tokens (BPE merges across the seam
-    would otherwise change the scored tokens). No BOS, as in our perplexity protocol."""
-    n_spaces = len(context) - len(context.rstrip(" "))
+    """lm-eval's split: trailing context whitespace moves to the continuation (its `context.rstrip()`),
+    the whole string is tokenized once and the continuation is what follows the context's own tokens
+    (BPE merges across the seam would otherwise change the scored tokens). No BOS, as in our perplexity
+    protocol (lm-eval adds one only for tokenizers that add it by default; SmolLM2's does not)."""
+    n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
