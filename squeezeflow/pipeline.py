@@ -26,7 +26,7 @@ from .registry import check_name as check_registry_name
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "2", "pack": "2", "evaluate": "4", "publish": "4"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "3", "pack": "2", "evaluate": "4", "publish": "4"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
