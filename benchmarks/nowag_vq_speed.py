@@ -8,7 +8,10 @@ h = E[x²] of each linear's input comes from a real calibration pass (`--samples
 tokens of sotu-calib, seed 0, pushed through blocks 0..block), or is uniform (all ones) with
 `--uniform-h`. Prints one row per linear and recipe: shape, subvectors, seconds, Lloyd iterations,
 converged, codes used, relative errors; then the mean seconds per linear and the projection to the
-whole model (every block's 7 linears). Threads: torch's default (set_num_threads is left alone).
+whole model (every block's 7 linears). Threads: torch's default unless `--threads N`.
+
+On a machine shared with other busy processes, 2 intra-op threads on 2 cores can be 10x slower than 1
+(each parallel op waits for a descheduled worker); compare `--threads 1`.
 """
 from __future__ import annotations
 
@@ -62,7 +65,10 @@ def main() -> int:
     ap.add_argument("--uniform-h", action="store_true", help="h = 1 for every input instead of calibration")
     ap.add_argument("--linears", default="", help="comma-separated suffixes (e.g. q_proj,down_proj); default all 7")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     path = resolve_model(args.model).path
     stream = LayerStream(path)
