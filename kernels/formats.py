@@ -24,11 +24,13 @@ import torch
 from torch import nn
 
 from .outlier_linear import OutlierQuantLinear
+from .quad_linear import QuadLinear
 from .quant_linear import QuantLinear
 from .sparse_linear import NMLinear, SparseLinear
 from .vq_linear import VQLinear
 
-FORMATS: dict[str, type[nn.Module]] = {cls.format_name: cls for cls in (QuantLinear, OutlierQuantLinear, SparseLinear, NMLinear, VQLinear)}
+FORMATS: dict[str, type[nn.Module]] = {cls.format_name: cls for cls in (QuantLinear, OutlierQuantLinear, SparseLinear, NMLinear, VQLinear,
+                                                                        QuadLinear)}
 
 
 def format_class(format_name: str) -> type[nn.Module]:

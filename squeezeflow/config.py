@@ -158,7 +158,27 @@ class NoWagVQConfig(Spec):
         return d
 
 
-MethodConfig = Annotated[Union[RTNConfig, GPTQConfig, GWQConfig, NoWagPConfig, WandaConfig, MagnitudeConfig, NoWagVQConfig],
+class QUADConfig(Spec):
+    """QUAD: the residual stream expanded by the top-r eigenvectors of its covariance (kept fp16 by every
+    reader), rotated, GPTQ int weights (symmetric per channel, MSE clip) and per-token activation
+    fake-quant; r = 0 is QuaRot. `act8` feeds o_proj and down_proj 8-bit activations (W4A4/A8);
+    `peft_steps` > 0 tunes w_outlier and the weight scales on calibration text afterwards."""
+    method: Literal["quad"] = "quad"
+    r: int = Field(64, ge=0, le=4096, description="Outlier dimensions kept in full precision (capped at hidden/8)")
+    bits: int = Field(4, ge=2, le=8, description="Weight bits (symmetric, per output channel)")
+    act_bits: Literal[4, 6, 8, 16] = Field(4, description="Activation bits per token (16 = weights only)")
+    act8: bool = Field(False, description="8-bit activations into o_proj and down_proj (W4A4/A8)")
+    act_clip: float = Field(0.9, gt=0, le=1, description="Activation range clip ratio")
+    online_rotation: bool = Field(True, description="Rotate the inputs of o_proj and down_proj online")
+    act_order: bool = Field(True, description="GPTQ act-order")
+    damp: float = Field(0.01, gt=0, le=1, description="GPTQ dampening, as a fraction of mean diag(XᵀX)")
+    peft_steps: int = Field(0, ge=0, le=100_000, description="PEFT steps (0 = no tuning)")
+    peft_lr: float = Field(1e-5, gt=0, le=1, description="AdamW learning rate of the PEFT")
+    seed: int = Field(0, description="Seed of the rotations and of the PEFT's window order")
+
+
+MethodConfig = Annotated[Union[RTNConfig, GPTQConfig, GWQConfig, NoWagPConfig, WandaConfig, MagnitudeConfig, NoWagVQConfig,
+                           QUADConfig],
                          Field(discriminator="method")]
 
 
@@ -182,12 +202,14 @@ _GWQ_PRESET = re.compile(r"gwq-w(\d+)(?:g(\d+|c))?(-gptq)?(?:-(abs_grad|taylor|f
                          r"(?:-n(\d+))?(?:-o(\d+(?:\.\d+)?))?")
 _PRUNE_PRESET = re.compile(r"(nowag-p|wanda|magnitude)(?:-p)?(?:(\d{1,2})|(\d+):(\d+))")
 _PRUNE_CONFIGS = {"nowag-p": NoWagPConfig, "wanda": WandaConfig, "magnitude": MagnitudeConfig}
+_QUAD_PRESET = re.compile(r"(quad|quarot)-w(\d)a(4|6|8|16)(a8)?(?:-r(\d+))?(-peft(\d+)?)?")
 _VQ_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
 # Subvector length by bits when a VQ preset does not name one: K = 4096 centroids (12-bit indices).
 _VQ_DEFAULT_D = {1: 12, 2: 6, 3: 4, 4: 3}
 PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rtn-w8gc", "gwq-w3g64", "gwq-w3g64-gptq",
                    "gwq-w3g64-fisher-n32-o2", "nowag-p50", "nowag-p2:4",
-                   "nowag-p4:8", "wanda-p50", "wanda-p2:4", "magnitude-p50", "nowag-vq2", "nowag-vq3")
+                   "nowag-p4:8", "wanda-p50", "wanda-p2:4", "magnitude-p50", "nowag-vq2", "nowag-vq3",
+                   "quad-w4a4", "quad-w4a4a8", "quad-w4a4a8-peft", "quarot-w4a4", "quad-w4a4-r16")
 
 
 def preset(name: str) -> Recipe:
@@ -195,7 +217,9 @@ def preset(name: str) -> Recipe:
     per-channel, and `gptq-...-act` for GPTQ with act-order; pruning `<nowag-p|wanda|magnitude>` with
     `p<percent removed>` or `p<N>:<M>` (nowag-p50, wanda-p2:4); `nowag-vq<bits>[d<dim>]` (nowag-vq2 =
     2 bits, d = 6, K = 4096); `gwq-w<bits>g<group>[-gptq][-<score>][-n<grad windows>][-o<outlier %>]`
-    (gwq-w3g64 = RTN base, |Σg| saliency on 8 windows, 1% fp16 outliers)."""
+    (gwq-w3g64 = RTN base, |Σg| saliency on 8 windows, 1% fp16 outliers);
+    `<quad|quarot>-w<bits>a<act bits>[a8][-r<outlier dims>][-peft[<steps>]]` (quad-w4a4 = r 64, W4A4;
+    quad-w4a4a8 = 8-bit inputs to o_proj/down_proj; -peft = 200 tuning steps; quarot = r 0)."""
     if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and m.group(4)):
         method, bits, group = m.group(1), int(m.group(2)), m.group(3)
         kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}
@@ -220,6 +244,17 @@ def preset(name: str) -> Recipe:
             bits = int(m.group(1))
             d = int(m.group(2)) if m.group(2) else _VQ_DEFAULT_D.get(bits, 1)
             return Recipe(name=name, methods=[NoWagVQConfig(bits=bits, d=d)])
+        if m := _QUAD_PRESET.fullmatch(name):
+            kwargs = {"bits": int(m.group(2)), "act_bits": int(m.group(3)), "act8": bool(m.group(4))}
+            if m.group(1) == "quarot":
+                if m.group(5) and int(m.group(5)):
+                    raise BadInput(f"recipe {name!r}: QuaRot has no outlier dimensions (r = 0); use quad-...-r<n>")
+                kwargs["r"] = 0
+            elif m.group(5):
+                kwargs["r"] = int(m.group(5))
+            if m.group(6):
+                kwargs["peft_steps"] = int(m.group(7) or 200)
+            return Recipe(name=name, methods=[QUADConfig(**kwargs)])
     except ValidationError as e:
         raise BadInput(f"recipe {name!r}: {one_line(e)}") from None
     raise BadInput(f"unknown recipe {name!r}: use a preset such as {', '.join(PRESET_EXAMPLES)}, or a YAML file")

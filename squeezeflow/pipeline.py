@@ -26,7 +26,7 @@ from .registry import check_name as check_registry_name
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "compress": "3", "pack": "2", "evaluate": "4", "publish": "4"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "transform": "1", "compress": "3", "pack": "2", "tune": "1", "evaluate": "4", "publish": "4"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -55,6 +55,8 @@ class Plan(BaseModel):
     evaluation: EvalSpec
     statistics: tuple[str, ...]   # collected by the saliency stage on the dense model
     sequential: bool = False      # compress block by block through already-compressed blocks
+    transform: bool = False       # compress a transformed checkpoint of the model (pipeline.transform)
+    tune: bool = False            # tune the packed checkpoint on calibration text (pipeline.tune)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,6 +89,10 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     linears = target_linears(resolved.path, model.trust_remote_code)
     method = get_method(recipe.methods[0])
     method.check(linears)
+    resolved_config = method.resolve(config)
+    if resolved_config != recipe.methods[0]:
+        recipe = recipe.model_copy(update={"methods": [resolved_config]})
+        method = get_method(resolved_config)
     load_text(calibration.source)  # readable and non-empty, or a BadInput naming it
     for split in evaluation.splits:
         load_text(split)
@@ -98,7 +104,7 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
                      num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
     return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=stats,
-                sequential=not method.layerwise)
+                sequential=not method.layerwise, transform=method.transforms_model, tune=method.tunes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,6 +123,26 @@ def saliency(store: ArtifactStore, model: ModelInfo, calib: Ref, statistics: tup
 
     return collect(store, Path(model.path), model.fingerprint, calib, list(statistics),
                    trust_remote_code=model.trust_remote_code)
+
+
+def transform(store: ArtifactStore, model: ModelInfo, recipe: Recipe, stats: dict[str, StatsRef]) -> ModelInfo:
+    """The model as the recipe's method rewrites it before compression (QUAD's expanded, rotated
+    checkpoint), stored once per (model, method config, statistics) and returned as a model of its own:
+    the compress and pack stages read it, evaluation still compares against the original."""
+    from .stats.residual_cov import pooled_residual_cov
+
+    method = get_method(recipe.methods[0])
+    key = "transform-" + sha256_bytes(canonical_json({
+        "model": model.fingerprint, "method": recipe.methods[0].model_dump(mode="json"),
+        "stats": {k: v.key for k, v in sorted(stats.items())}, "version": STAGE_VERSIONS["transform"]}))
+    ref = store.get_index(key)
+    if ref is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "model"
+            method.transform(Path(model.path), out, pooled_residual_cov(store, stats["residual_cov"]))
+            ref = store.put_dir(out, kind="transformed-model")
+        store.put_index(key, ref)
+    return model.model_copy(update={"path": str(store.materialize(ref)), "fingerprint": ref.sha256})
 
 
 def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: Recipe,
@@ -176,7 +202,9 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
     stream = LayerStream(Path(model.path), model.trust_remote_code)
     key = "sequential-" + sha256_bytes(canonical_json({
         "model": model.fingerprint, "calibration": calib.sha256, "recipe": recipe.model_dump(mode="json"),
-        "dense_stats": {k: v.key for k, v in sorted(stats.items())}, "version": STAGE_VERSIONS["compress"]}))
+        "dense_stats": {k: v.key for k, v in sorted(stats.items())}, "version": STAGE_VERSIONS["compress"],
+        # statistics collected on the fly are part of the result: a changed collector must not reuse it
+        "collectors": {name: COLLECTORS[name].version for name in sorted(method.requires)}}))
     checkpoint = store.get_index(key)
     if checkpoint is not None:
         state = store.get_json(checkpoint)
@@ -266,6 +294,23 @@ def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Re
             if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
                 shutil.copyfile(f, out / f.name)
         return store.put_dir(out, kind="packed-model")
+
+
+def tune(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref, packed: Ref) -> Ref:
+    """The packed checkpoint after the method's tuning on the calibration windows (QUAD's PEFT)."""
+    from .calibration import CalibrationSet
+
+    key = "tune-" + sha256_bytes(canonical_json({
+        "packed": packed.sha256, "calibration": calib.sha256, "method": recipe.methods[0].model_dump(mode="json"),
+        "version": STAGE_VERSIONS["tune"]}))
+    ref = store.get_index(key)
+    if ref is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "tuned"
+            get_method(recipe.methods[0]).tune(store.materialize(packed), out, CalibrationSet.get(store, calib).windows)
+            ref = store.put_dir(out, kind="packed-model")
+        store.put_index(key, ref)
+    return ref
 
 
 def library_versions() -> dict:

@@ -6,9 +6,10 @@ from .gptq import GPTQ
 from .gwq import GWQ
 from .nowag_vq import NoWagVQ
 from .prune import Magnitude, NoWagP, Wanda
+from .quad import QUAD
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, GWQ, NoWagP, Wanda, Magnitude, NoWagVQ)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, GWQ, NoWagP, Wanda, Magnitude, NoWagVQ, QUAD)}
 
 
 def get_method(config) -> Method:

@@ -31,9 +31,30 @@ class Method(ABC):
     # Sequential methods only: statistics taken from the DENSE model by the saliency stage (their
     # `requires` are collected on the fly, through the already-compressed blocks).
     dense_requires: tuple[str, ...] = ()
+    # Methods that rewrite the model before compressing it (QUAD): the flow runs `transform` once and
+    # compresses the transformed checkpoint.
+    transforms_model: bool = False
 
     def __init__(self, config):
         self.config = config
+
+    def resolve(self, model_config):
+        """The method config as it will really run on this model (e.g. a size capped by the model's
+        dimensions); preflight stores it in the recipe, so the manifest says what was used."""
+        return self.config
+
+    @property
+    def tunes(self) -> bool:
+        """Whether the flow runs `tune` on the packed checkpoint (QUAD's PEFT)."""
+        return False
+
+    def tune(self, src, dst, windows) -> dict:
+        """Write a tuned copy of the packed checkpoint `src` into `dst`; returns the training record."""
+        raise NotImplementedError
+
+    def transform(self, src, dst, *stats) -> None:
+        """Write the transformed dense checkpoint of `src` into `dst` (transforms_model methods only)."""
+        raise NotImplementedError
 
     def check(self, linear_shapes: dict[str, tuple[int, int]]) -> None:
         """Preflight on {qualified linear name: (out_features, in_features)}; raise BadInput."""

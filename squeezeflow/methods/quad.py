@@ -1,0 +1,107 @@
+"""QUAD (and QuaRot, r = 0) as a pipeline method.
+
+The flow first writes the transformed dense checkpoint (quad_transform: norms fused, residual stream
+expanded by the top-r outlier directions and rotated; function-preserving), then runs this method
+sequentially over it like GPTQ: each linear is GPTQ-quantized to a symmetric per-channel int grid with
+an MSE clip search, act-order, and
+- readers of the residual stream (q, k, v, gate, up): the r outlier input columns are kept in fp16
+  (`w_outlier`); GPTQ treats them as exact and lets them absorb the compensation of the columns before
+  them (keep_absorbs), since their stored value is free;
+- o_proj and down_proj: the input is rotated online (seeded Hadamard-based rotation stored with the
+  layer, kernels/rotation.py), so the weight is quantized as W·R against the Hessian Rᵀ H R.
+The packed "quad" format also records the activation fake-quant each layer runs with: act_bits per
+token (4, or 8 into o_proj/down_proj for W4A4/A8), clip 0.9.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import QUADConfig
+from ..errors import BadInput
+from ..kernels import rotation
+from .base import CompressedLinear, Method
+from .gptq_core import gptq_quantize
+from .quad_transform import READERS, WRITERS, transform_checkpoint
+
+# Distinct seeds per rotation site (the residual rotations use seed and seed + 1).
+_ONLINE_SEED_OFFSET = {"self_attn.o_proj": 2, "mlp.down_proj": 3}
+
+
+def linear_role(name: str) -> str:
+    """'reader' or the writer's short name for a qualified linear name (model.layers.3.mlp.up_proj)."""
+    short = ".".join(name.split(".")[-2:])
+    if short in READERS:
+        return "reader"
+    if short in WRITERS:
+        return short
+    raise BadInput(f"QUAD does not know the role of linear {name!r} (Llama-style blocks only)")
+
+
+class QUAD(Method):
+    name = "quad"
+    requires = ("xtx",)                 # collected on the transformed model, through quantized blocks
+    dense_requires = ("residual_cov",)  # the pooled covariance that defines the outlier directions
+    layerwise = False
+    transforms_model = True
+    config: QUADConfig
+
+    def resolve(self, model_config) -> QUADConfig:
+        """r is capped at hidden_size / 8 (METHODS.md); the recipe records the r really used."""
+        cap = int(model_config.hidden_size) // 8
+        return self.config.model_copy(update={"r": cap}) if self.config.r > cap else self.config
+
+    def transform(self, src: Path, dst: Path, pooled_cov: torch.Tensor) -> None:
+        transform_checkpoint(src, dst, pooled_cov, self.config.r, self.config.seed)
+
+    @property
+    def tunes(self) -> bool:
+        return self.config.peft_steps > 0
+
+    def tune(self, src: Path, dst: Path, windows: torch.Tensor) -> dict:
+        from .quad_peft import tune_packed
+
+        return tune_packed(src, dst, windows, self.config.peft_steps, self.config.peft_lr, self.config.seed)
+
+    def _rotation(self, name: str, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        role = linear_role(name)
+        if role == "reader" or not self.config.online_rotation:
+            return None
+        A, signs = rotation.random_factors(in_features, self.config.seed + _ONLINE_SEED_OFFSET[role])
+        return A.float(), signs.float()   # as stored: the weight is fused with exactly these factors
+
+    def compress_linear(self, name, weight, stats):
+        cfg = self.config
+        out_f, in_f = weight.shape
+        role = linear_role(name)
+        r = cfg.r if role == "reader" else 0
+        W, H = weight.double(), stats["xtx"].double()
+        rot = self._rotation(name, in_f)
+        if rot is not None:
+            R = rotation.dense(*rot)
+            W, H = W @ R, R.T @ H @ R
+        keep = None
+        if r:
+            keep = torch.zeros(out_f, in_f, dtype=torch.bool)
+            keep[:, :r] = True
+        res = gptq_quantize(W.float(), H.float(), cfg.bits, None, damp=cfg.damp, act_order=cfg.act_order,
+                            keep=keep, sym=True, mse_clip=True, keep_absorbs=True)
+        act_bits = 8 if cfg.act8 and role != "reader" else cfg.act_bits
+        params = {"bits": cfg.bits, "outlier_cols": r, "act_bits": act_bits, "act_clip": cfg.act_clip,
+                  "rotate": rot is not None}
+        tensors = {"codes": res.codes[:, r:].contiguous(), "scales": res.scales[:, :1].contiguous(),
+                   "w_outlier": res.w_hat[:, :r].half().contiguous()}
+        if rot is not None:
+            tensors |= {"rot_a": rot[0], "rot_signs": rot[1]}
+        metrics = {f"gptq_{k}": v for k, v in res.stats.items() if k != "seconds"}
+        return CompressedLinear("quad", params, tensors, metrics=metrics)
+
+    def dequantize(self, c: CompressedLinear) -> torch.Tensor:
+        """The weight in the dense model's (unrotated) input basis: [w_outlier, (q − 2^(b−1))·s] · Rᵀ."""
+        t, bits = c.tensors, c.params["bits"]
+        main = (t["codes"].float() - 2 ** (bits - 1)) * t["scales"].float()
+        w = torch.cat([t["w_outlier"].float(), main], 1)
+        if c.params["rotate"]:
+            w = (w.double() @ rotation.dense(t["rot_a"], t["rot_signs"]).T).float()
+        return w

@@ -1,0 +1,124 @@
+"""QUAD's function-preserving transform of a Llama-style checkpoint (QuaRot when r = 0).
+
+1. Fuse every RMSNorm weight into the linears that read its output (q, k, v; gate, up; lm_head), so
+   the norms become weightless; lm_head is untied from the embedding first. The embedding is NOT
+   mean-centred (QuaRot's LayerNorm habit is not function-preserving for RMSNorm).
+2. Expand the residual stream from d to d + r dimensions: x ↦ x·Q with Q = [P, I − PPᵀ] (d × (d + r)),
+   P the top-r eigenvectors of the pooled residual covariance. Q Qᵀ = PPᵀ + (I − PPᵀ)² = I, so with
+   M = Q·R (R orthogonal, below) every reader W ↦ W·M, writer W ↦ Mᵀ·W and the embedding E ↦ E·M
+   compute exactly what they did: (x M)(W M)ᵀ = x Wᵀ, and ‖x M‖ = ‖x‖.
+3. Rotate: R = diag(R_r, R_d) (outlier block, main block), each a randomized Hadamard where the order
+   allows and seeded (random orthogonal ⊗ Hadamard) otherwise (kernels/rotation.py).
+
+The first r residual coordinates then carry the outlier directions (kept fp16 by the quantizer); the
+other d carry the rest, rotated flat. The norms must keep dividing by the original d: a plain
+RMSNorm over d + r with weight sqrt(d / (d + r)) and eps · d / (d + r) computes exactly
+x / sqrt(Σx²/d + eps), so the result is a plain checkpoint of the same architecture (hidden_size
+d + r, head_dim explicit) that transformers loads without Squeezeflow. Online rotations (before o_proj
+and down_proj) belong to the quantized format, not to this dense checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+from ..kernels import rotation
+
+READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+NORM_READERS = {"input_layernorm": READERS[:3], "post_attention_layernorm": READERS[3:]}
+
+
+def outlier_projection(cov: torch.Tensor, r: int) -> torch.Tensor:
+    """P [d, r]: the top-r eigenvectors of the covariance (fp64), columns in decreasing eigenvalue order,
+    each with its largest-magnitude entry made positive (eigh's signs are arbitrary)."""
+    if r == 0:
+        return torch.zeros(cov.shape[0], 0, dtype=torch.float64)
+    _, vecs = torch.linalg.eigh(cov.double())
+    P = vecs[:, -r:].flip(1)
+    idx = P.abs().argmax(0)
+    return P * torch.sign(P[idx, torch.arange(r)])
+
+
+def expansion(cov: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """M = [P, I − PPᵀ] · diag(R_r, R_d) (d × (d + r), fp64) and the rotation factors used."""
+    d = cov.shape[0]
+    P = outlier_projection(cov, r)
+    Q = torch.cat([P, torch.eye(d, dtype=torch.float64) - P @ P.T], 1)
+    a_d, s_d = rotation.random_factors(d, seed)
+    R = torch.zeros(d + r, d + r, dtype=torch.float64)
+    R[r:, r:] = rotation.dense(a_d, s_d)
+    factors = {"main_a": a_d, "main_signs": s_d}
+    if r:
+        a_r, s_r = rotation.random_factors(r, seed + 1)
+        R[:r, :r] = rotation.dense(a_r, s_r)
+        factors |= {"outlier_a": a_r, "outlier_signs": s_r}
+    return Q @ R, factors
+
+
+def transform_state(state: dict[str, torch.Tensor], config: dict, cov: torch.Tensor, r: int,
+                    seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The transformed (state dict, config.json dict). `state` holds fp32 tensors of a Llama-style model."""
+    d = int(config["hidden_size"])
+    if cov.shape != (d, d):
+        raise BadInput(f"residual covariance is {tuple(cov.shape)}, the model's hidden size is {d}")
+    if not 0 <= r <= d // 8:
+        raise BadInput(f"QUAD r = {r} is outside 0..{d // 8} (d / 8 for hidden size {d})")
+    n_layers = int(config["num_hidden_layers"])
+    M, _ = expansion(cov, r, seed)
+    out: dict[str, torch.Tensor] = {}
+    lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"]).double()
+    out["lm_head.weight"] = (lm_head * state["model.norm.weight"].double()) @ M
+    out["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].double() @ M
+    norm_weight = torch.full((d + r,), math.sqrt(d / (d + r)), dtype=torch.float64)
+    out["model.norm.weight"] = norm_weight
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        for norm, readers in NORM_READERS.items():
+            gamma = state[f"{p}.{norm}.weight"].double()
+            for lin in readers:
+                out[f"{p}.{lin}.weight"] = (state[f"{p}.{lin}.weight"].double() * gamma) @ M
+                if f"{p}.{lin}.bias" in state:
+                    out[f"{p}.{lin}.bias"] = state[f"{p}.{lin}.bias"].double()
+            out[f"{p}.{norm}.weight"] = norm_weight
+        for lin in WRITERS:
+            out[f"{p}.{lin}.weight"] = M.T @ state[f"{p}.{lin}.weight"].double()
+            if f"{p}.{lin}.bias" in state:
+                out[f"{p}.{lin}.bias"] = state[f"{p}.{lin}.bias"].double() @ M
+    missing = sorted(set(state) - set(out) - {"lm_head.weight"})
+    unknown = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if unknown:
+        raise BadInput(f"QUAD transform supports Llama-style blocks only; it does not know {unknown[:5]}")
+    cfg = dict(config)
+    cfg["head_dim"] = int(config.get("head_dim") or d // int(config["num_attention_heads"]))
+    cfg["hidden_size"] = d + r
+    cfg["rms_norm_eps"] = float(config.get("rms_norm_eps", 1e-6)) * d / (d + r)
+    cfg["tie_word_embeddings"] = False
+    cfg["squeezeflow_transform"] = {"method": "quad", "outlier_dims": r, "original_hidden_size": d, "seed": seed}
+    return {k: v.float().contiguous() for k, v in sorted(out.items())}, cfg
+
+
+def transform_checkpoint(src: Path, dst: Path, cov: torch.Tensor, r: int, seed: int) -> None:
+    """Write the transformed checkpoint of the HF directory `src` into `dst` (safetensors + config + tokenizer)."""
+    import shutil
+
+    from safetensors.torch import load_file, save
+
+    from ..models import safetensors_files
+    from ..store import canonical_json, canonical_safetensors
+
+    state: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(src):
+        state.update({k: v.float() for k, v in load_file(f).items()})
+    config = json.loads((src / "config.json").read_text())
+    new_state, new_config = transform_state(state, config, cov, r, seed)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "model.safetensors").write_bytes(canonical_safetensors(save(new_state, metadata={"format": "pt"})))
+    (dst / "config.json").write_bytes(canonical_json(new_config))
+    for f in sorted(src.iterdir()):
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copyfile(f, dst / f.name)
