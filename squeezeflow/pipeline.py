@@ -404,7 +404,9 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
         del base
     if spec.cloze_items:
         metrics["accuracy"] = cloze_accuracy(net, model, spec)
-    metrics.update(size_report(path, target_linears(path, model.trust_remote_code)))
+    # Bits per weight of the ORIGINAL model's linears: a method that reshapes them (QUAD's expanded
+    # inputs) pays for its extra stored columns instead of diluting them over a larger count.
+    metrics.update(size_report(path, target_linears(Path(model.path), model.trust_remote_code)))
     return metrics
 
 

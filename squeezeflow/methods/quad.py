@@ -48,9 +48,13 @@ class QUAD(Method):
     config: QUADConfig
 
     def resolve(self, model_config) -> QUADConfig:
-        """r is capped at hidden_size / 8 (METHODS.md); the recipe records the r really used."""
-        cap = int(model_config.hidden_size) // 8
-        return self.config.model_copy(update={"r": cap}) if self.config.r > cap else self.config
+        """The r really used, recorded in the recipe: capped at hidden_size / 8 (METHODS.md) and rounded to
+        the nearest multiple of the attention head count, because transformers refuses a config whose
+        hidden size (d + r) is not a multiple of it (SmolLM2, 9 heads: r = 64 becomes 63, 16 becomes 18)."""
+        heads = int(model_config.num_attention_heads)
+        cap = int(model_config.hidden_size) // 8 // heads * heads
+        r = min(cap, heads * round(self.config.r / heads))
+        return self.config if r == self.config.r else self.config.model_copy(update={"r": r})
 
     def transform(self, src: Path, dst: Path, pooled_cov: torch.Tensor) -> None:
         transform_checkpoint(src, dst, pooled_cov, self.config.r, self.config.seed)
