@@ -126,16 +126,10 @@ def child_ours(argv: list[str]) -> int:
     calib = pipeline.calibrate(store, m, plan.calibration)
     marks["calibrate"] = time.perf_counter()
     stats = pipeline.saliency(store, m, calib, plan.statistics)
-    stats = {k: v for k, v in stats.items() if k in plan.statistics}   # as flows/compress.py does
     marks["saliency"] = time.perf_counter()
-    if plan.sequential:
-        blocks = pipeline.compress_sequential(store, m, plan.recipe, calib, stats)
-    else:   # layer-wise: compress_block per block, as compress_recipe's tasks do
-        blocks = [pipeline.compress_block(store, m, i, plan.recipe, stats) for i in range(m.num_layers)]
-    marks["compress"] = time.perf_counter()
-    packed = pipeline.pack(store, m, plan.recipe, blocks)
+    _, packed = pipeline.compress_to_packed(store, plan, calib, stats)   # the flow's stages, no Prefect
     store.materialize(packed, args.out)
-    marks["pack"] = time.perf_counter()
+    marks["compress+pack"] = time.perf_counter()
     seconds, prev = {}, t0
     for k, t in marks.items():
         seconds[k] = round(t - prev, 2)

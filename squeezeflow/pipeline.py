@@ -313,6 +313,21 @@ def tune(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref, pac
     return ref
 
 
+def compress_to_packed(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, StatsRef]) -> tuple[list[Ref], Ref]:
+    """[transform] -> compress -> pack -> [tune] as plain calls, for tests and benchmarks (the flow runs
+    the same stages as Prefect tasks). Returns (compressed blocks, packed checkpoint)."""
+    stats = {k: v for k, v in stats.items() if k in plan.statistics}
+    target = transform(store, plan.model, plan.recipe, stats) if plan.transform else plan.model
+    if plan.sequential:
+        blocks = compress_sequential(store, target, plan.recipe, calib, stats)
+    else:
+        blocks = [compress_block(store, target, i, plan.recipe, stats) for i in range(plan.model.num_layers)]
+    packed = pack(store, target, plan.recipe, blocks)
+    if plan.tune:
+        packed = tune(store, target, plan.recipe, calib, packed)
+    return blocks, packed
+
+
 def library_versions() -> dict:
     import importlib.metadata as md
 

@@ -51,14 +51,7 @@ def run_stages(store, plan, base: bool = True) -> dict:
 
     calib = pipeline.calibrate(store, plan.model, plan.calibration)
     stats = pipeline.saliency(store, plan.model, calib, plan.statistics)
-    target = pipeline.transform(store, plan.model, plan.recipe, stats) if plan.transform else plan.model
-    if plan.sequential:
-        blocks = pipeline.compress_sequential(store, target, plan.recipe, calib, stats)
-    else:
-        blocks = [pipeline.compress_block(store, target, i, plan.recipe, stats) for i in range(plan.model.num_layers)]
-    packed = pipeline.pack(store, target, plan.recipe, blocks)
-    if plan.tune:
-        packed = pipeline.tune(store, target, plan.recipe, calib, packed)
+    blocks, packed = pipeline.compress_to_packed(store, plan, calib, stats)
     metrics = pipeline.evaluate(store, plan.model, packed, plan.evaluation, plan.recipe.name)
     baseline = pipeline.evaluate(store, plan.model, None, plan.evaluation, "fp32") if base else metrics
     artifact = pipeline.assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
