@@ -81,6 +81,8 @@ class GPTQConfig(IntGridConfig):
     method: Literal["gptq"] = "gptq"
     damp: float = Field(0.01, gt=0, le=1, description="Dampening, as a fraction of mean diag(XᵀX)")
     act_order: bool = Field(False, description="Quantize columns in order of decreasing XᵀX diagonal")
+    static_groups: bool = Field(False, description="Fit every group's grid on the original weights up front "
+                                "(llm-compressor's way) instead of on the error-updated ones when reached")
     block_size: int = Field(128, ge=1, description="Columns per lazy-update block")
     sym: bool = Field(False, description="Symmetric grid (zero point fixed at 2^(bits-1))")
     mse_clip: bool = Field(False, description="Search a per-group clipping of the min/max range")
@@ -196,7 +198,7 @@ class Recipe(Spec):
         return v
 
 
-_INT_PRESET = re.compile(r"(rtn|gptq)-w(\d+)(?:g(\d+|c))?(-act)?")
+_INT_PRESET = re.compile(r"(rtn|gptq)-w(\d+)(?:g(\d+|c))?(-act)?(-static)?")
 _INT_CONFIGS = {"rtn": RTNConfig, "gptq": GPTQConfig}
 _GWQ_PRESET = re.compile(r"gwq-w(\d+)(?:g(\d+|c))?(-gptq)?(?:-(abs_grad|taylor|fisher|hessian|magnitude|random))?"
                          r"(?:-n(\d+))?(?:-o(\d+(?:\.\d+)?))?")
@@ -214,17 +216,19 @@ PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rt
 
 def preset(name: str) -> Recipe:
     """Named presets: `<rtn|gptq>-w<bits>g<group>` (e.g. rtn-w4g64, gptq-w3g64), `...gc` or no group for
-    per-channel, and `gptq-...-act` for GPTQ with act-order; pruning `<nowag-p|wanda|magnitude>` with
+    per-channel, `gptq-...-act` for GPTQ with act-order and `gptq-...-static` for grids fitted up front; pruning `<nowag-p|wanda|magnitude>` with
     `p<percent removed>` or `p<N>:<M>` (nowag-p50, wanda-p2:4); `nowag-vq<bits>[d<dim>]` (nowag-vq2 =
     2 bits, d = 6, K = 4096); `gwq-w<bits>g<group>[-gptq][-<score>][-n<grad windows>][-o<outlier %>]`
     (gwq-w3g64 = RTN base, |Σg| saliency on 8 windows, 1% fp16 outliers);
     `<quad|quarot>-w<bits>a<act bits>[a8][-r<outlier dims>][-peft[<steps>]]` (quad-w4a4 = r 64, W4A4;
     quad-w4a4a8 = 8-bit inputs to o_proj/down_proj; -peft = 200 tuning steps; quarot = r 0)."""
-    if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and m.group(4)):
+    if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and (m.group(4) or m.group(5))):
         method, bits, group = m.group(1), int(m.group(2)), m.group(3)
         kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}
         if m.group(4):
             kwargs["act_order"] = True
+        if m.group(5):
+            kwargs["static_groups"] = True
         return Recipe(name=name, methods=[_INT_CONFIGS[method](**kwargs)])
     try:
         if m := _GWQ_PRESET.fullmatch(name):

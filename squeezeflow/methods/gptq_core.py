@@ -14,8 +14,9 @@ reproduces Ŵ. When the grid is fitted:
 - groups, act_order=False: over the group's current (error-updated) weights when its first column
   is reached (GPTQ's default, `static_groups=False`). A group never straddles a lazy block (the block
   size is rounded up to a multiple of the group), so "current" includes every update made so far;
-- groups, act_order=True: from the weights before any update, in the original column groups
-  ("static groups"), so groups stay contiguous in the original order whatever the processing order;
+- groups, act_order=True or static_groups=True: from the weights before any update, in the original
+  column groups ("static groups", llm-compressor's only mode), so groups stay contiguous in the
+  original order whatever the processing order;
 - group_size=None (or in_features): once per output row over the whole row, before any update.
 `sym=True` uses the symmetric grid (zero = 2^(b-1), scale = 2·max|w| / (2^b - 1)), and `mse_clip=True`
 shrinks the range by the factor in 1.00, 0.99, ..., 0.80 that minimises the group's squared error.
@@ -130,7 +131,8 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128, keep: torch.Tensor | None = None,
-                  sym: bool = False, mse_clip: bool = False, keep_absorbs: bool = False) -> GPTQResult:
+                  sym: bool = False, mse_clip: bool = False, keep_absorbs: bool = False,
+                  static_groups: bool = False) -> GPTQResult:
     """Quantize W [out, in] with GPTQ against H = XᵀX [in, in] (see the module docstring)."""
     t0 = time.perf_counter()
     out_f, in_f = W.shape
@@ -159,7 +161,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     # Grids fitted before any update: per channel (one group per row: nothing is updated before its
     # first column anyway), or the static groups act_order needs.
     n_groups = in_f // g
-    static = g == in_f or act_order
+    static = g == in_f or act_order or static_groups
     if static:
         s, z = fit_grid(W.reshape(-1, g), ~keep.reshape(-1, g), bits, sym, mse_clip)
         scales, zeros = s.reshape(out_f, n_groups), z.reshape(out_f, n_groups)

@@ -81,6 +81,17 @@ def test_act_order(layer):
     assert output_error(W, res.w_hat, H) < 1.1 * base   # measured: 0.95x
 
 
+def test_static_groups_fit_every_grid_on_the_original_weights(layer):
+    W, H = layer
+    res = gptq_quantize(W, H, 3, 64, static_groups=True)
+    _, scales, zeros = quantize_groupwise(W, 3, 64)   # RTN's grid of the untouched weights
+    assert torch.equal(res.scales, scales) and torch.equal(res.zeros, zeros)
+    assert_reproduces(res, 64)
+    dynamic = gptq_quantize(W, H, 3, 64)
+    assert not torch.equal(dynamic.scales, scales)   # the default refits on error-updated weights
+    assert output_error(W, res.w_hat, H) < 0.8 * output_error(W, rtn(W, 3, 64), H)
+
+
 def test_kept_outlier_is_exact_and_does_not_stretch_the_grid(layer):
     W, H = layer
     W = W.clone()
