@@ -9,11 +9,13 @@ h × h matmul and one m × m one: reading x as an m × h matrix X (row-major), x
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 
+@functools.lru_cache(maxsize=32)   # built once per (order, dtype): every online rotation reuses it
 def hadamard(h: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Normalized Sylvester Hadamard matrix of order h (a power of two): H Hᵀ = I."""
     if h < 1 or h & (h - 1):
@@ -21,7 +23,7 @@ def hadamard(h: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     H = torch.ones(1, 1, dtype=dtype)
     while H.shape[0] < h:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    return H / math.sqrt(h)
+    return (H / math.sqrt(h)).requires_grad_(False)
 
 
 def split_order(n: int) -> tuple[int, int]:
