@@ -26,7 +26,8 @@ from .registry import check_name as check_registry_name
 from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
-STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "transform": "1", "compress": "3", "pack": "2", "tune": "1", "evaluate": "4", "publish": "4"}
+STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "transform": "1", "compress": "3", "pack": "2", "tune": "1",
+                  "evaluate": "4", "publish": "4"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -135,14 +136,21 @@ def transform(store: ArtifactStore, model: ModelInfo, recipe: Recipe, stats: dic
     key = "transform-" + sha256_bytes(canonical_json({
         "model": model.fingerprint, "method": recipe.methods[0].model_dump(mode="json"),
         "stats": {k: v.key for k, v in sorted(stats.items())}, "version": STAGE_VERSIONS["transform"]}))
+    ref = _stored_dir(store, key, "transformed-model", lambda out: method.transform(
+        Path(model.path), out, pooled_residual_cov(store, stats["residual_cov"])))
+    return model.model_copy(update={"path": str(store.materialize(ref)), "fingerprint": ref.sha256})
+
+
+def _stored_dir(store: ArtifactStore, key: str, kind: str, build) -> Ref:
+    """The directory stored under index `key`; `build(out_dir)` writes it the first time."""
     ref = store.get_index(key)
     if ref is None:
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "model"
-            method.transform(Path(model.path), out, pooled_residual_cov(store, stats["residual_cov"]))
-            ref = store.put_dir(out, kind="transformed-model")
+            out = Path(tmp) / kind
+            build(out)
+            ref = store.put_dir(out, kind=kind)
         store.put_index(key, ref)
-    return model.model_copy(update={"path": str(store.materialize(ref)), "fingerprint": ref.sha256})
+    return ref
 
 
 def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: Recipe,
@@ -303,14 +311,8 @@ def tune(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref, pac
     key = "tune-" + sha256_bytes(canonical_json({
         "packed": packed.sha256, "calibration": calib.sha256, "method": recipe.methods[0].model_dump(mode="json"),
         "version": STAGE_VERSIONS["tune"]}))
-    ref = store.get_index(key)
-    if ref is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "tuned"
-            get_method(recipe.methods[0]).tune(store.materialize(packed), out, CalibrationSet.get(store, calib).windows)
-            ref = store.put_dir(out, kind="packed-model")
-        store.put_index(key, ref)
-    return ref
+    return _stored_dir(store, key, "packed-model", lambda out: get_method(recipe.methods[0]).tune(
+        store.materialize(packed), out, CalibrationSet.get(store, calib).windows))
 
 
 def compress_to_packed(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, StatsRef]) -> tuple[list[Ref], Ref]:
