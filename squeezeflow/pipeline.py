@@ -58,6 +58,10 @@ class Plan(BaseModel):
     sequential: bool = False      # compress block by block through already-compressed blocks
     transform: bool = False       # compress a transformed checkpoint of the model (pipeline.transform)
     tune: bool = False            # tune the packed checkpoint on calibration text (pipeline.tune)
+    # Structural methods (layer removal) lead the recipe; the weight method, if any, runs on their output
+    # with statistics collected on that shallower model (`weight_statistics`), not on the original.
+    structural: int = 0
+    weight_statistics: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,8 +78,7 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     from .calibration import load_text
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
-    if len(recipe.methods) != 1:
-        raise BadInput(f"recipe {recipe.name!r} lists {len(recipe.methods)} methods; this version runs one weight method per recipe")
+    n_struct = structural_count(recipe)
     resolved = resolve_model(model.ref)
     # The registry keys artifacts by model and recipe name: refuse names it cannot hold now, not at publish.
     check_registry_name("model", resolved.name)
@@ -88,24 +91,54 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
         if max_pos and seqlen > max_pos:
             raise BadInput(f"{what} seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
     linears = target_linears(resolved.path, model.trust_remote_code)
-    method = get_method(recipe.methods[0])
-    method.check(linears)
-    resolved_config = method.resolve(config)
-    if resolved_config != recipe.methods[0]:
-        recipe = recipe.model_copy(update={"methods": [resolved_config]})
-        method = get_method(resolved_config)
+    layers_left = config.num_hidden_layers
+    for step in recipe.methods[:n_struct]:
+        layers_left = get_method(step).check_layers(layers_left)
     load_text(calibration.source)  # readable and non-empty, or a BadInput naming it
     for split in evaluation.splits:
         load_text(split)
-    # Layer-wise methods read statistics of the dense model (one saliency pass feeds them all);
-    # sequential ones collect theirs on the fly, on activations through the already-compressed blocks.
-    methods = [get_method(m) for m in recipe.methods]
-    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in methods if m.layerwise for s in m.requires}
-                         | {s for m in methods for s in m.dense_requires}))
     info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
                      num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
+    if n_struct == len(recipe.methods):  # layer removal only: the artifact is the shallower dense model
+        return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=(),
+                    structural=n_struct)
+    method = get_method(recipe.methods[n_struct])
+    method.check(linears)
+    resolved_config = method.resolve(config)
+    if resolved_config != recipe.methods[n_struct]:
+        recipe = recipe.model_copy(update={"methods": [*recipe.methods[:n_struct], resolved_config]})
+        method = get_method(resolved_config)
+    # Layer-wise methods read statistics of the dense model (one saliency pass feeds them all);
+    # sequential ones collect theirs on the fly, on activations through the already-compressed blocks.
+    methods = [method]
+    stats = tuple(sorted(set(BASE_STATISTICS) | {s for m in methods if m.layerwise for s in m.requires}
+                         | {s for m in methods for s in m.dense_requires}))
+    if n_struct:  # the weight method's statistics come from the restructured model, collected later
+        return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=(),
+                    sequential=not method.layerwise, transform=method.transforms_model, tune=method.tunes,
+                    structural=n_struct, weight_statistics=stats)
     return Plan(model=info, recipe=recipe, calibration=calibration, evaluation=evaluation, statistics=stats,
                 sequential=not method.layerwise, transform=method.transforms_model, tune=method.tunes)
+
+
+def structural_count(recipe: Recipe) -> int:
+    """How many structural methods lead the recipe; BadInput unless they all come before one weight method."""
+    kinds = [bool(getattr(get_method(m), "structural", False)) for m in recipe.methods]
+    n = kinds.index(False) if False in kinds else len(kinds)
+    if any(kinds[n:]):
+        raise BadInput(f"recipe {recipe.name!r}: structural methods (layer removal) must come before the weight "
+                       f"method; got {[m.method for m in recipe.methods]}")
+    if len(kinds) - n > 1:
+        raise BadInput(f"recipe {recipe.name!r} lists {len(kinds) - n} weight methods; a recipe runs at most one, "
+                       f"after any structural ones")
+    return n
+
+
+def weight_recipe(plan: Plan) -> Recipe | None:
+    """The recipe's weight method alone (what compress, pack and tune run), or None for removal only."""
+    if plan.structural == len(plan.recipe.methods):
+        return None
+    return plan.recipe.model_copy(update={"methods": [plan.recipe.methods[plan.structural]]})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,6 +184,88 @@ def _stored_dir(store: ArtifactStore, key: str, kind: str, build) -> Ref:
             ref = store.put_dir(out, kind=kind)
         store.put_index(key, ref)
     return ref
+
+
+# ------------------------------------------------------------------------------------------------
+# Structural methods (layer removal): checkpointed rounds, then a shallower dense checkpoint
+# ------------------------------------------------------------------------------------------------
+class StructureStep(BaseModel):
+    """One structural method applied: the model it produced (a plain HF directory in the store) and
+    its record (removed layers, per-round selection history)."""
+
+    model: ModelInfo
+    ref: Ref
+    record: dict
+
+
+def _structure_key(model: ModelInfo, config, calib: Ref) -> str:
+    return "structure-" + sha256_bytes(canonical_json({
+        "model": model.fingerprint, "method": config.model_dump(mode="json"), "calibration": calib.sha256,
+        "version": STAGE_VERSIONS["transform"]}))
+
+
+def _structure_context(store: ArtifactStore, model: ModelInfo, calib: Ref):
+    from .calibration import CalibrationSet
+    from .methods.structural import RestructureContext
+
+    def block_io() -> list[dict]:
+        from .stats import collect
+
+        ref = collect(store, Path(model.path), model.fingerprint, calib, ["block_io"],
+                      trust_remote_code=model.trust_remote_code)["block_io"]
+        return [{k: float(v) for k, v in store.get_tensors(b).items()} for b in ref.blocks]
+
+    return RestructureContext(windows=CalibrationSet.get(store, calib).windows, block_io=block_io)
+
+
+def structure_round(store: ArtifactStore, model: ModelInfo, config, calib: Ref, k: int, state: dict) -> dict:
+    """Round k of a structural method (e.g. one greedy TRSP/SLEB selection), stored under its own index
+    key: a killed run finds rounds 0..k-1 there and resumes at round k."""
+    key = f"{_structure_key(model, config, calib)}-round-{k}"
+    ref = store.get_index(key)
+    if ref is None:
+        state = get_method(config).run_round(Path(model.path), k, state, _structure_context(store, model, calib))
+        ref = store.put_json(state, kind="structure-round")
+        store.put_index(key, ref)
+    return store.get_json(ref)
+
+
+def restructure(store: ArtifactStore, model: ModelInfo, config, calib: Ref, round_fn=None) -> StructureStep:
+    """Apply one structural method to `model`: its rounds (each checkpointed; `round_fn` lets the flow run
+    each as a Prefect task), then its finish step, which writes the shallower checkpoint."""
+    method = get_method(config)
+    key = _structure_key(model, config, calib)
+    done = store.get_index(key)
+    if done is not None:
+        return StructureStep(**store.get_json(done))
+    num_layers = load_config(Path(model.path), model.trust_remote_code).num_hidden_layers
+    state = method.initial_state(num_layers)
+    for k in range(method.rounds(num_layers)):
+        state = (round_fn or structure_round)(store, model, config, calib, k, state)
+    record: dict = {}
+
+    def build(out: Path) -> None:
+        record.update(method.finish(Path(model.path), out, state, _structure_context(store, model, calib)))
+
+    ref = _stored_dir(store, key + "-model", "pruned-model", build)
+    if not record:  # the directory was stored by an earlier, interrupted run: its record is lost, rebuild it
+        with tempfile.TemporaryDirectory() as tmp:
+            build(Path(tmp) / "again")
+    out = ModelInfo(ref=model.ref, name=model.name, path=str(store.materialize(ref)), fingerprint=ref.sha256,
+                    num_layers=num_layers - len(record["removed"]), trust_remote_code=model.trust_remote_code)
+    step = StructureStep(model=out, ref=ref, record={"method": config.method, **record})
+    store.put_index(key, store.put_json(step.model_dump(mode="json"), kind="structure-step"))
+    return step
+
+
+def apply_structure(store: ArtifactStore, plan: Plan, calib: Ref, step_fn=None) -> list[StructureStep]:
+    """The recipe's structural methods in order, each on the model the previous one produced."""
+    steps, model = [], plan.model
+    for config in plan.recipe.methods[:plan.structural]:
+        step = (step_fn or restructure)(store, model, config, calib)
+        steps.append(step)
+        model = step.model
+    return steps
 
 
 def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: Recipe,
@@ -317,7 +432,16 @@ def tune(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref, pac
 
 def compress_to_packed(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, StatsRef]) -> tuple[list[Ref], Ref]:
     """[transform] -> compress -> pack -> [tune] as plain calls, for tests and benchmarks (the flow runs
-    the same stages as Prefect tasks). Returns (compressed blocks, packed checkpoint)."""
+    the same stages as Prefect tasks). Returns (compressed blocks, packed checkpoint).
+    A recipe that starts with structural methods applies them first; its weight method then runs on the
+    shallower model with statistics collected on it. Without a weight method the packed checkpoint is
+    the shallower plain model itself (no blocks)."""
+    if plan.structural:
+        steps = apply_structure(store, plan, calib)
+        plan = weight_plan(plan, steps[-1].model)
+        if plan is None:
+            return [], steps[-1].ref
+        stats = saliency(store, plan.model, calib, plan.statistics)
     stats = {k: v for k, v in stats.items() if k in plan.statistics}
     target = transform(store, plan.model, plan.recipe, stats) if plan.transform else plan.model
     if plan.sequential:
@@ -328,6 +452,62 @@ def compress_to_packed(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict
     if plan.tune:
         packed = tune(store, target, plan.recipe, calib, packed)
     return blocks, packed
+
+
+def weight_plan(plan: Plan, model: ModelInfo) -> Plan | None:
+    """The plan of the recipe's weight method on the restructured `model` (None: no weight method)."""
+    recipe = weight_recipe(plan)
+    if recipe is None:
+        return None
+    return plan.model_copy(update={"model": model, "recipe": recipe, "statistics": plan.weight_statistics,
+                                   "structural": 0, "weight_statistics": ()})
+
+
+def step_metrics(store: ArtifactStore, base: ModelInfo, step: StructureStep, spec: EvalSpec) -> dict:
+    """Perplexity (and KL against `base`) of a structural step's output, stored once per (model, protocol):
+    a chained recipe's report shows what each step did."""
+    key = "step-metrics-" + sha256_bytes(canonical_json({
+        "model": step.model.fingerprint, "base": base.fingerprint, "eval": spec.model_dump(mode="json"),
+        "version": STAGE_VERSIONS["evaluate"]}))
+    ref = store.get_index(key)
+    if ref is None:
+        m = evaluate_path(Path(step.model.path), base, spec, step.record["method"])
+        ref = store.put_json({"perplexity": m["perplexity"], "kl": m["kl"], "bits_per_weight": m["bits_per_weight"]},
+                             kind="step-metrics")
+        store.put_index(key, ref)
+    return store.get_json(ref)
+
+
+def chain_lineage(store: ArtifactStore, plan: Plan, calib: Ref) -> list[dict]:
+    """The manifest's record of a chained recipe: every structural step (config, removed layers, output
+    fingerprint, its metrics when a weight method follows), then the weight method."""
+    steps = apply_structure(store, plan, calib)  # stored: index lookups only after the compress stage
+    chain = []
+    for config, step in zip(plan.recipe.methods, steps):
+        entry = {"method": config.method, "config": config.model_dump(mode="json"), "record": step.record,
+                 "num_layers": step.model.num_layers, "model_sha256": step.ref.sha256}
+        if plan.structural < len(plan.recipe.methods):
+            entry["metrics"] = step_metrics(store, plan.model, step, plan.evaluation)
+        chain.append(entry)
+    if plan.structural < len(plan.recipe.methods):
+        config = plan.recipe.methods[plan.structural]
+        chain.append({"method": config.method, "config": config.model_dump(mode="json"),
+                      "statistics_on": steps[-1].ref.sha256, "statistics": list(plan.weight_statistics)})
+    return chain
+
+
+def chain_report(chain: list[dict], final: dict) -> str:
+    """Markdown: what each step of a chained recipe did to perplexity."""
+    splits = list(final["perplexity"])
+    lines = ["", "## Steps", "", "| step | method | layers | " + " | ".join(f"ppl {s}" for s in splits) + " |",
+             "|---" * (len(splits) + 3) + "|"]
+    for i, c in enumerate(chain, 1):
+        m = c.get("metrics") or (final if i == len(chain) else None)
+        cells = [f"{m['perplexity'][s]:.3f}" if m else "–" for s in splits]
+        removed = c.get("record", {}).get("removed")
+        layers = f"{c['num_layers']} (removed {removed})" if removed is not None else "–"
+        lines.append(f"| {i} | {c['method']} | {layers} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def library_versions() -> dict:
@@ -446,6 +626,7 @@ def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, Stat
     sha256). Its id is a hash of its content, so identical runs give identical artifacts."""
     from .calibration import CalibrationSet
     from .evaluation.report import render
+    from .registry import content_id
     from .store import sha256_file
 
     m, base = store.get_json(metrics), store.get_json(baseline)
@@ -465,16 +646,19 @@ def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, Stat
         "libraries": library_versions(),
         "seed": plan.calibration.seed,
     }
+    if plan.structural:
+        lineage["chain"] = chain_lineage(store, plan, calib)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "artifact"
         shutil.copytree(store.materialize(packed), out)
         (out / "report").mkdir()
         (out / "report" / "metrics.json").write_bytes(canonical_json({"results": [base, m]}))
         (out / "report" / "layer_errors.json").write_bytes(canonical_json(layer_errors))
-        (out / "report" / "report.md").write_text(render(m, base, lineage, layer_errors))
+        (out / "report" / "report.md").write_text(render(m, base, lineage, layer_errors)
+                                                  + (chain_report(lineage["chain"], m) if plan.structural else ""))
         files = {p.relative_to(out).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
                  for p in sorted(out.rglob("*")) if p.is_file()}
-        artifact_id = sha256_bytes(canonical_json({"files": files, "lineage": lineage}))[:16]
+        artifact_id = content_id(files, lineage)
         manifest = {"format_version": FORMAT_VERSION, "artifact_id": artifact_id, "model": plan.model.name,
                     "recipe": plan.recipe.name, "lineage": lineage, "metrics": m, "baseline": base, "files": files}
         (out / "manifest.json").write_bytes(canonical_json(manifest))

@@ -34,6 +34,7 @@ from .s3 import S3Location, client, endpoint_url
 from .store import canonical_json, sha256_file
 
 MANIFEST = "manifest.json"
+METRICS_FILE = "report/metrics.json"
 # The artifact store marks materialized directories with this file; it is bookkeeping, not content.
 IGNORED_FILES = frozenset({".squeezeflow-complete"})
 ALIAS_HISTORY = 20
@@ -69,11 +70,45 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def verify_dir(path: str | os.PathLike) -> dict[str, Any]:
+def content_id(files: dict, lineage: dict) -> str:
+    """An artifact's id: a hash of every file's sha256 and size and of its lineage. Identical runs give
+    identical ids, and a manifest edited in any of those fields no longer matches its own id."""
+    return hashlib.sha256(canonical_json({"files": files, "lineage": lineage})).hexdigest()[:16]
+
+
+def check_identity(manifest: dict, where: str, entry: Entry | None = None) -> None:
+    """The manifest names itself truthfully: its artifact_id is the content id of its files and lineage,
+    its model and recipe are the lineage's, and, when it came from a registry entry, the entry it was read
+    from has that id, model and recipe. This catches a manifest edited to list other files or to pass for
+    another entry. (A content id is not a signature: whoever can write the registry can also write a new,
+    self-consistent entry; aliases and access control guard against that.)"""
+    lineage = manifest.get("lineage")
+    if not isinstance(manifest.get("artifact_id"), str) or not isinstance(lineage, dict):
+        raise IntegrityError(f"{where}: manifest has no artifact_id/lineage, so its content cannot be "
+                             "authenticated; only artifacts written by squeezeflow's pipeline load")
+    expected = content_id(manifest["files"], lineage)
+    if manifest["artifact_id"] != expected:
+        raise IntegrityError(f"{where}: manifest was modified: its artifact_id {manifest['artifact_id']} is "
+                             f"not the content id {expected} of the files and lineage it lists")
+    for field in ("model", "recipe"):
+        recorded = (lineage.get(field) or {}).get("name") if isinstance(lineage.get(field), dict) else None
+        if manifest.get(field) != recorded:
+            raise IntegrityError(f"{where}: manifest was modified: {field} {manifest.get(field)!r} is not the "
+                                 f"lineage's {recorded!r}")
+    if entry is not None:
+        for field, value in (("artifact_id", entry.artifact_id), ("model", entry.model), ("recipe", entry.recipe)):
+            if manifest.get(field) != value:
+                raise IntegrityError(f"{where}: manifest says {field} {manifest.get(field)!r} but it was read "
+                                     f"from {entry.uri} ({field} {value!r}): it points elsewhere")
+
+
+def verify_dir(path: str | os.PathLike, authenticate: bool = True) -> dict[str, Any]:
     """Check a local artifact directory against its manifest; return the manifest.
 
     Every listed file must exist with the recorded size and sha256, and no unlisted file may exist
-    (besides manifest.json). Raises IntegrityError naming the first offending file.
+    (besides manifest.json). With `authenticate` (the default, and what every loader uses) the manifest
+    must also carry its content id (see check_identity). Raises IntegrityError naming the first
+    offending file.
     """
     root = Path(path)
     manifest = read_manifest(root)
@@ -90,7 +125,44 @@ def verify_dir(path: str | os.PathLike) -> dict[str, Any]:
         rel = f.relative_to(root).as_posix()
         if f.is_file() and rel != MANIFEST and rel not in files and f.name not in IGNORED_FILES:
             raise IntegrityError(f"{rel}: present in {root} but not listed in its manifest")
+    if authenticate:
+        where = str(root / MANIFEST)
+        for rel in sorted(files):
+            refuse_pickle(root / rel, rel)
+        check_identity(manifest, where)
+        results = _recorded_results(root) if METRICS_FILE in files else None
+        if results and (manifest.get("metrics") != results[-1] or manifest.get("baseline") != results[0]):
+            raise IntegrityError(f"{where}: manifest was modified: its metrics differ from {METRICS_FILE}, "
+                                 "whose hash it lists")
     return manifest
+
+
+def _recorded_results(root: Path) -> list | None:
+    try:
+        results = json.loads((root / METRICS_FILE).read_bytes()).get("results")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise IntegrityError(f"{METRICS_FILE} in {root} is not a metrics document ({e})") from None
+    return results if isinstance(results, list) and len(results) >= 1 else None
+
+
+# Pickle-based weight files, refused by name and by content: unpickling runs arbitrary code. Files in
+# formats whose readers never unpickle (safetensors, JSON, text, PNG) are not sniffed: a safetensors
+# header length can begin with the same bytes as a pickle.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+SAFE_SUFFIXES = (".safetensors", ".json", ".md", ".txt", ".png", ".jinja", ".csv")
+
+
+def refuse_pickle(path: Path, rel: str) -> None:
+    suffix = path.suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        return
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # protocol 2+ pickles start with 0x80 <proto>; torch.save archives are zip files holding a pickle
+    if suffix in PICKLE_SUFFIXES or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5) \
+            or head == b"PK\x03\x04":
+        raise IntegrityError(f"{rel}: a pickle or torch.save archive; squeezeflow never loads pickled data "
+                             "(weights must be safetensors)")
 
 
 def _check_manifest_shape(manifest: Any, where: str) -> None:
@@ -130,7 +202,8 @@ class Registry:
             if meta["size"] > MAX_PUT_BYTES:
                 raise BadInput(f"{rel} is {meta['size']} bytes; files over 5 GiB cannot be published "
                                "(shard the safetensors files)")
-        manifest = verify_dir(local)
+        # Storage needs only the file list to be true; identity is checked where artifacts are loaded.
+        manifest = verify_dir(local, authenticate=False)
         manifest_bytes = (local / MANIFEST).read_bytes()
         entry = self._entry(model, recipe, artifact_id)
 
@@ -233,9 +306,11 @@ class Registry:
         with self._errors(f"pull {entry.uri}"):
             manifest_bytes = self._get(self._key(entry, MANIFEST))
             manifest = _parse_remote_manifest(manifest_bytes, entry)
+            if "artifact_id" in manifest:  # pipeline artifacts; loaders refuse manifests without one
+                check_identity(manifest, f"{entry.uri}/{MANIFEST}", entry)
             if dest.exists():
                 if (dest / MANIFEST).is_file() and _same_manifest(dest, manifest):
-                    verify_dir(dest)
+                    verify_dir(dest, authenticate=False)
                     return dest
                 if not dest.is_dir() or any(dest.iterdir()):
                     raise BadInput(f"{dest} already exists and holds something else; remove it or "

@@ -14,7 +14,7 @@ import pytest
 
 from squeezeflow import s3
 from squeezeflow.errors import BadInput, IntegrityError
-from squeezeflow.registry import ImmutableEntryError, Registry, verify_dir
+from squeezeflow.registry import ImmutableEntryError, Registry, content_id, verify_dir
 from squeezeflow.store import canonical_json, sha256_bytes
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ def test_publish_list_show_pull_round_trip(registry: Registry, tmp_path: Path):
     for rel in src_files:
         assert (dest / rel).read_bytes() == (src / rel).read_bytes(), rel
     assert os.listdir(dest.parent) == ["model"]  # no temporary directory left behind
-    assert verify_dir(dest)["metrics"] == shown["manifest"]["metrics"]
+    assert verify_dir(dest, authenticate=False)["metrics"] == shown["manifest"]["metrics"]
     # Pulling again into the same complete copy is a no-op, not an error.
     assert registry.pull(entry.uri, dest) == dest
 
@@ -236,9 +236,32 @@ def test_pull_refuses_a_tampered_object(registry: Registry, tmp_path: Path):
         registry.pull(entry.uri, dest)
 
 
+def make_authentic_artifact(root: Path, seed: int) -> tuple[Path, str]:
+    """make_artifact with what the pipeline adds: lineage, model and the content id."""
+    make_artifact(root, seed)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.update(model=MODEL, lineage={"model": {"name": MODEL}, "recipe": {"name": RECIPE}})
+    manifest["artifact_id"] = content_id(manifest["files"], manifest["lineage"])
+    (root / "manifest.json").write_bytes(canonical_json(manifest))
+    return root, manifest["artifact_id"]
+
+
+def test_pull_refuses_a_manifest_that_points_elsewhere(registry: Registry, tmp_path: Path):
+    a, a_id = make_authentic_artifact(tmp_path / "a", 1)
+    b, b_id = make_authentic_artifact(tmp_path / "b", 2)
+    entry = registry.publish(a, MODEL, RECIPE, a_id)
+    assert verify_dir(registry.pull(entry.uri, tmp_path / "ok"))["artifact_id"] == a_id  # authenticated
+    # Entry a's manifest replaced by b's: valid and self-consistent, but it names another entry.
+    key = f"{registry.loc.prefix}/models/{MODEL}/{RECIPE}/{a_id}/manifest.json"
+    registry._c.put_object(Bucket=registry.loc.bucket, Key=key, Body=(b / "manifest.json").read_bytes())
+    with pytest.raises(IntegrityError, match=f"artifact_id '{b_id}'.*points elsewhere"):
+        registry.pull(entry.uri, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_verify_dir_names_the_modified_file(tmp_path: Path):
     art = make_artifact(tmp_path / "art")
-    assert verify_dir(art)["files"]["config.json"]["size"] > 0
+    assert verify_dir(art, authenticate=False)["files"]["config.json"]["size"] > 0
     path = art / "report" / "metrics.json"
     path.write_bytes(path.read_bytes().replace(b"3", b"4"))
     with pytest.raises(IntegrityError, match="report/metrics.json"):
