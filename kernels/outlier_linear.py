@@ -28,8 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .packed_linear import PackedLinear
 from .quant_linear import QuantLinear
 from .quant_linear import check_params as check_intq_params
+from .triton_dispatch import use_triton
 
 FORMAT_NAME = "intq_outliers"
 
@@ -106,6 +108,15 @@ class OutlierQuantLinear(QuantLinear):
         rows = torch.repeat_interleave(torch.arange(self.out_features, device=counts.device), counts)
         weight[rows, self.outlier_col.to(torch.int64)] += self.outlier_values.to(torch.float32)
         return weight.to(dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Must override QuantLinear.forward: its Triton path knows nothing of the outliers.
+        if not self.cache_dequantized and use_triton(x):
+            from .triton_outliers import intq_outliers_linear
+
+            return intq_outliers_linear(x, self.qweight, self.scales, self.zeros, self.outlier_row_ptr,
+                                        self.outlier_col, self.outlier_values, self.bits, self.group_size, self.bias)
+        return PackedLinear.forward(self, x)
 
     def forward_sparse(self, x: torch.Tensor) -> torch.Tensor:
         """dequant(Wq)·x + W_outlier·x with the outliers as a sparse CSR product (no dense outlier matrix)."""

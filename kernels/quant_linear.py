@@ -26,6 +26,7 @@ import torch
 
 from .intpack import pack_rows, packed_width, unpack_rows_int
 from .packed_linear import PackedLinear
+from .triton_dispatch import use_triton
 
 FORMAT_NAME = "intq"
 _PARAM_KEYS = frozenset({"bits", "group_size"})
@@ -163,6 +164,15 @@ class QuantLinear(PackedLinear):
         grouped = codes.to(torch.float32).view(self.out_features, n_groups, self.group_size)
         weight = (grouped - self.zeros.to(torch.float32).unsqueeze(-1)) * self.scales.to(torch.float32).unsqueeze(-1)
         return weight.view(self.out_features, self.in_features).to(dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # On CUDA the fused Triton dequant-GEMM/GEMV reads the packed codes directly (kernels/triton_intq.py);
+        # an opted-in dequantized cache means the caller prefers the dense weight, so it keeps the torch path.
+        if not self.cache_dequantized and use_triton(x):
+            from .triton_intq import intq_linear
+
+            return intq_linear(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.bias)
+        return super().forward(x)
 
     def extra_repr(self) -> str:
         return (

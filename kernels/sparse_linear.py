@@ -35,6 +35,8 @@ import torch
 
 from .intpack import pack_rows, packed_width, unpack_rows_int
 from .packed_linear import PackedLinear
+from .semi_structured import semi_structured_reason, to_semi_structured
+from .triton_dispatch import kernel_mode
 
 
 def _check_keys(format_name: str, params: Mapping[str, Any], keys: frozenset[str]) -> None:
@@ -131,6 +133,7 @@ class NMLinear(PackedLinear):
         _check_nm(in_features, n, m)
         super().__init__(in_features, out_features, dtype)
         self.n, self.m = n, m
+        self._semi: tuple | None = None  # (buffer key, semi-structured weight) on the 2:4 GPU path
         kept = in_features // m * n
         self.register_buffer("values", torch.zeros(out_features, kept, dtype=torch.float16, device=device))
         self.register_buffer("indices", torch.zeros(out_features, packed_width(kept, index_bits(m)),
@@ -175,9 +178,31 @@ class NMLinear(PackedLinear):
         weight.scatter_(-1, pos, self.values.to(torch.float32).view_as(pos))
         return weight.view(self.out_features, self.in_features).to(dtype or self.dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # 2:4 on a recent GPU in fp16/bf16: torch's semi-structured sparse GEMM (kernels/semi_structured.py).
+        # The compressed weight is as small as the packed one, so it is always kept once built.
+        if kernel_mode() != "torch" and semi_structured_reason(self.n, self.m, self.out_features,
+                                                               self.in_features, x) is None:
+            key = self._buffer_key(x.dtype)
+            if self._semi is None or not _same_buffers(self._semi[0], key):
+                self._semi = (key, to_semi_structured(self.dequantize(x.dtype)))
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return torch.nn.functional.linear(x, self._semi[1], bias)
+        return super().forward(x)
+
+    def invalidate_cache(self) -> None:
+        super().invalidate_cache()
+        self._semi = None
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.n}:{self.m}, "
                 f"bias={self.bias is not None}, format=nm")
+
+
+def _same_buffers(old: tuple, new: tuple) -> bool:
+    (old_refs, old_versions, old_dtype), (new_refs, new_versions, new_dtype) = old, new
+    same = all(o() is not None and o() is n for o, n in zip(old_refs, (r() for r in new_refs)))
+    return same and old_versions == new_versions and old_dtype == new_dtype
 
 
 def _check_nm(in_features: int, n: int, m: int) -> None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .intpack import MAX_BITS, pack_rows, packed_width, unpack_rows_int
 from .packed_linear import PackedLinear
+from .triton_dispatch import use_triton
 
 FORMAT_NAME = "vq"
 _PARAM_KEYS = frozenset({"bits", "d", "k"})
@@ -183,6 +184,14 @@ class VQLinear(PackedLinear):
         return weight.to(dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Decode-sized batches on CUDA: the Triton codebook-lookup GEMV (kernels/triton_vq.py). Larger
+        # batches amortize one dense decode over many rows, so they keep the torch path.
+        if not self.cache_dequantized and use_triton(x):
+            from .triton_vq import GEMV_MAX_ROWS, vq_gemv
+
+            if x.numel() // self.in_features <= GEMV_MAX_ROWS:
+                return vq_gemv(x, self.qcodes, self.codebook, self.row_norms, self.col_norms, self.index_bits,
+                               self.bias)
         if self.denormalize_otf:
             return self.forward_otf(x)
         return super().forward(x)
