@@ -179,8 +179,55 @@ class QUADConfig(Spec):
     seed: int = Field(0, description="Seed of the rotations and of the PEFT's window order")
 
 
+class LayerPruneConfig(Spec):
+    """Structural layer removal: floor(ratio · L) decoder blocks are deleted (25% of 30 = 7), no retraining
+    after removal. Runs before any weight method of the recipe."""
+
+    ratio: float = Field(0.25, gt=0.0, lt=1.0, description="Fraction of decoder blocks removed (rounded down)")
+
+
+class TRSPConfig(LayerPruneConfig):
+    """TRSP: gates on each block's residual contribution, L1-penalised and greedily masked (stage 1), then the
+    selected blocks pushed toward identity while the weights train (stage 2), then removal. The step, window
+    and sequence-length knobs size the CPU budget."""
+
+    method: Literal["trsp"] = "trsp"
+    lambda1: float = Field(5e-3, ge=0.0, description="L1 weight on the gates (stage 1)")
+    lambda2: float = Field(1e-3, ge=0.0, description="Weight of the transfer penalty (stage 2)")
+    iterative: bool = Field(True, description="Greedy rounds (one block per round); False = one-shot selection")
+    steps: int = Field(16, ge=1, le=100_000, description="Gate-training steps per round (stage 1)")
+    lr: float = Field(1e-2, gt=0.0, le=10.0, description="Adam learning rate of the gates")
+    stage2_steps: int = Field(16, ge=0, le=100_000, description="Transfer steps (0 = no stage 2)")
+    stage2_lr: float = Field(2e-5, gt=0.0, le=1.0, description="AdamW learning rate of the block weights (stage 2)")
+    stage2_kept_only: bool = Field(False, description="Stage 2 updates only the kept blocks (and embeddings/norm)")
+    windows: int = Field(32, ge=1, le=100_000, description="Calibration windows used for training")
+    seqlen: int = Field(256, ge=8, description="Tokens per training window (calibration windows are cut)")
+    batch_size: int = Field(1, ge=1, le=1024, description="Windows per step")
+    seed: int = 0
+
+
+class ShortGPTConfig(LayerPruneConfig):
+    """ShortGPT: remove the blocks with the lowest block influence 1 − cos(x_in, x_out)."""
+
+    method: Literal["shortgpt"] = "shortgpt"
+
+
+class SLEBConfig(LayerPruneConfig):
+    """SLEB-style: greedily remove the block whose removal raises calibration perplexity least."""
+
+    method: Literal["sleb"] = "sleb"
+    windows: int = Field(8, ge=1, le=100_000, description="Calibration windows scored per candidate")
+    seqlen: int = Field(256, ge=8, description="Tokens per scored window")
+
+
+class LastLayersConfig(LayerPruneConfig):
+    """Remove the blocks just before the final one."""
+
+    method: Literal["lastlayers"] = "lastlayers"
+
+
 MethodConfig = Annotated[Union[RTNConfig, GPTQConfig, GWQConfig, NoWagPConfig, WandaConfig, MagnitudeConfig, NoWagVQConfig,
-                           QUADConfig],
+                           QUADConfig, TRSPConfig, ShortGPTConfig, SLEBConfig, LastLayersConfig],
                          Field(discriminator="method")]
 
 
@@ -193,8 +240,8 @@ class Recipe(Spec):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9._:-]*", v):
-            raise ValueError(f"recipe name {v!r} must be lowercase letters, digits, '.', '_', ':' or '-'")
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._:+-]*", v):  # '+' joins chained presets
+            raise ValueError(f"recipe name {v!r} must be lowercase letters, digits, '.', '_', ':', '+' or '-'")
         return v
 
 
@@ -206,12 +253,15 @@ _PRUNE_PRESET = re.compile(r"(nowag-p|wanda|magnitude)(?:-p)?(?:(\d{1,2})|(\d+):
 _PRUNE_CONFIGS = {"nowag-p": NoWagPConfig, "wanda": WandaConfig, "magnitude": MagnitudeConfig}
 _QUAD_PRESET = re.compile(r"(quad|quarot)-w(\d)a(4|6|8|16)(a8)?(?:-r(\d+))?(-peft(\d+)?)?")
 _VQ_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
+_LAYER_PRESET = re.compile(r"(trsp|shortgpt|sleb|lastlayers)-(\d{1,2})((?:-no-iter|-no-stage2)*)")
+_LAYER_CONFIGS = {"trsp": TRSPConfig, "shortgpt": ShortGPTConfig, "sleb": SLEBConfig, "lastlayers": LastLayersConfig}
 # Subvector length by bits when a VQ preset does not name one: K = 4096 centroids (12-bit indices).
 _VQ_DEFAULT_D = {1: 12, 2: 6, 3: 4, 4: 3}
 PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rtn-w8gc", "gwq-w3g64", "gwq-w3g64-gptq",
                    "gwq-w3g64-fisher-n32-o2", "nowag-p50", "nowag-p2:4",
                    "nowag-p4:8", "wanda-p50", "wanda-p2:4", "magnitude-p50", "nowag-vq2", "nowag-vq3",
-                   "quad-w4a4", "quad-w4a4a8", "quad-w4a4a8-peft", "quarot-w4a4", "quad-w4a4-r16")
+                   "quad-w4a4", "quad-w4a4a8", "quad-w4a4a8-peft", "quarot-w4a4", "quad-w4a4-r16",
+                   "trsp-25", "trsp-25-no-iter", "shortgpt-25", "sleb-25", "lastlayers-25", "trsp-25+gwq-w4g64")
 
 
 def preset(name: str) -> Recipe:
@@ -221,7 +271,15 @@ def preset(name: str) -> Recipe:
     2 bits, d = 6, K = 4096); `gwq-w<bits>g<group>[-gptq][-<score>][-n<grad windows>][-o<outlier %>]`
     (gwq-w3g64 = RTN base, |Σg| saliency on 8 windows, 1% fp16 outliers);
     `<quad|quarot>-w<bits>a<act bits>[a8][-r<outlier dims>][-peft[<steps>]]` (quad-w4a4 = r 64, W4A4;
-    quad-w4a4a8 = 8-bit inputs to o_proj/down_proj; -peft = 200 tuning steps; quarot = r 0)."""
+    quad-w4a4a8 = 8-bit inputs to o_proj/down_proj; -peft = 200 tuning steps; quarot = r 0);
+    layer removal `<trsp|shortgpt|sleb|lastlayers>-<percent>` (trsp-25 = 7 of 30 blocks, rounded down;
+    trsp ablations `-no-iter`, `-no-stage2`); chains joined by '+', structural first
+    (`trsp-25+gwq-w4g64`: remove blocks, then quantize the shallower model)."""
+    if "+" in name:
+        parts = name.split("+")
+        if not all(parts):
+            raise BadInput(f"recipe {name!r}: empty step in a '+' chain")
+        return Recipe(name=name, methods=[m for part in parts for m in preset(part).methods])
     if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and (m.group(4) or m.group(5))):
         method, bits, group = m.group(1), int(m.group(2)), m.group(3)
         kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}
@@ -259,6 +317,16 @@ def preset(name: str) -> Recipe:
             if m.group(6):
                 kwargs["peft_steps"] = int(m.group(7) or 200)
             return Recipe(name=name, methods=[QUADConfig(**kwargs)])
+        if m := _LAYER_PRESET.fullmatch(name):
+            flags = m.group(3) or ""
+            if flags and m.group(1) != "trsp":
+                raise BadInput(f"recipe {name!r}: -no-iter / -no-stage2 are TRSP ablations")
+            kwargs = {"ratio": int(m.group(2)) / 100}
+            if "-no-iter" in flags:
+                kwargs["iterative"] = False
+            if "-no-stage2" in flags:
+                kwargs["stage2_steps"] = 0
+            return Recipe(name=name, methods=[_LAYER_CONFIGS[m.group(1)](**kwargs)])
     except ValidationError as e:
         raise BadInput(f"recipe {name!r}: {one_line(e)}") from None
     raise BadInput(f"unknown recipe {name!r}: use a preset such as {', '.join(PRESET_EXAMPLES)}, or a YAML file")

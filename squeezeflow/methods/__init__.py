@@ -4,12 +4,16 @@ from __future__ import annotations
 from .base import CompressedLinear, Method
 from .gptq import GPTQ
 from .gwq import GWQ
+from .layer_baselines import SLEB, LastLayers, ShortGPT
 from .nowag_vq import NoWagVQ
 from .prune import Magnitude, NoWagP, Wanda
 from .quad import QUAD
 from .rtn import RTN
+from .trsp import TRSP
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, GWQ, NoWagP, Wanda, Magnitude, NoWagVQ, QUAD)}
+# Structural methods (layer removal) change the model's shape; a recipe lists them before its weight method.
+METHODS |= {m.name: m for m in (TRSP, ShortGPT, SLEB, LastLayers)}
 
 
 def get_method(config) -> Method:

@@ -1,0 +1,88 @@
+"""Layer-removal baselines, all without retraining, at the same layer count as TRSP:
+
+- ShortGPT: block influence BI_i = 1 − mean over calibration tokens of cos(x_in, x_out) (the statistics
+  engine's block_io collector); remove the p·L blocks with the lowest influence, in one shot.
+- SLEB-style: greedy rounds; each round removes the block whose removal raises calibration perplexity
+  least, measured with the blocks already removed (one checkpointed round per block).
+- Last layers: remove the p·L blocks just before the final one. The final block is kept: it maps the
+  stream into the space lm_head reads, and removing it is known to be far worse (a weaker baseline).
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import LastLayersConfig, ShortGPTConfig, SLEBConfig
+from .layer_gates import gate_model, save_pruned
+from .structural import RestructureContext, StructuralMethod, calibration_batches, load_dense
+
+
+class ShortGPT(StructuralMethod):
+    name = "shortgpt"
+    config: ShortGPTConfig
+
+    def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
+        influence = [b["influence"] for b in ctx.block_io()]
+        n = self.n_remove(len(influence))
+        removed = sorted(sorted(range(len(influence)), key=lambda i: influence[i])[:n])
+        save_pruned(load_dense(src), src, dst, removed)
+        return {"removed": removed, "influence": [round(v, 8) for v in influence]}
+
+
+@torch.no_grad()
+def calibration_nll(model: torch.nn.Module, batches: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token NLL over the batches (all positions labelled)."""
+    total, count = 0.0, 0
+    for s in range(0, len(batches), batch_size):
+        ids = batches[s:s + batch_size]
+        n = ids[:, 1:].numel()
+        total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * n
+        count += n
+    return total / count
+
+
+class SLEB(StructuralMethod):
+    name = "sleb"
+    config: SLEBConfig
+
+    def rounds(self, num_layers: int) -> int:
+        return self.n_remove(num_layers)
+
+    def run_round(self, src: Path, k: int, state: dict, ctx: RestructureContext) -> dict:
+        started = time.perf_counter()
+        model = load_dense(src)
+        gates = gate_model(model)
+        for i in state["selected"]:
+            gates[i].masked = True
+        batches = calibration_batches(ctx.windows, self.config.windows, self.config.seqlen)
+        scores = {}
+        for i in range(len(gates)):
+            if gates[i].masked:
+                continue
+            gates[i].masked = True
+            scores[i] = math.exp(calibration_nll(model, batches))
+            gates[i].masked = False
+        best = min(scores, key=lambda i: (scores[i], i))
+        return {**state, "selected": state["selected"] + [best],
+                "history": state.get("history", []) + [{"round": k, "picked": best, "ppl": round(scores[best], 6),
+                                                        "seconds": round(time.perf_counter() - started, 2)}]}
+
+    def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
+        removed = sorted(state["selected"])
+        save_pruned(load_dense(src), src, dst, removed)
+        return {"removed": removed, "selection_order": state["selected"], "rounds": state.get("history", [])}
+
+
+class LastLayers(StructuralMethod):
+    name = "lastlayers"
+    config: LastLayersConfig
+
+    def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
+        L = state["num_layers"]
+        n = self.n_remove(L)
+        removed = list(range(L - 1 - n, L - 1))
+        save_pruned(load_dense(src), src, dst, removed)
+        return {"removed": removed}

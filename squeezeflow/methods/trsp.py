@@ -1,0 +1,138 @@
+"""TRSP: two-stage regularized layer pruning (METHODS.md "TRSP"; research/seeds-quad-ggd-trsp.md §C).
+
+Stage 1 (selection): every decoder block gets a gate, out = x + S_i · (block(x) − x), S_i = 1 at first.
+Only the gates train, on LM loss (full next-token labels) + λ1 Σ_{i∉P} |S_i|. Greedy rounds: after each
+round the unselected block with the smallest |S_i| joins P and is masked (S = 0, skipped). `iterative =
+False` is the one-shot ablation: one round of training, then the p·L smallest |S_i| at once.
+Stage 2 (transfer): all gates back to 1 and every block active; the block weights train on LM loss +
+λ2 Σ_{i∈P} mean-over-tokens ‖X_out^i − X_in^i‖₂, pushing the selected blocks toward the identity so the
+others absorb their function. Then the blocks in P are deleted (layer_idx renumbered) and the model is
+saved as a plain, shallower HF checkpoint. No training after removal.
+
+Each round gets a fresh Adam and draws its windows from a generator seeded by (seed, round), so a round
+depends only on the previous round's gates and selection: that is what makes per-round resume exact.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import TRSPConfig
+from .layer_gates import gate_model, save_pruned
+from .structural import RestructureContext, StructuralMethod, calibration_batches, load_dense
+
+
+def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy with every position labelled (not only the last token)."""
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def _generator(seed: int, k: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + k)
+
+
+def train_gates(model: torch.nn.Module, gates, batches: torch.Tensor, steps: int, batch_size: int, lr: float,
+                lam1: float, gen: torch.Generator) -> list[float]:
+    """Stage-1 training of the unmasked gates (block weights frozen); returns the loss per step."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    active = [g for g in gates if not g.masked]
+    for g in active:
+        g.gate.requires_grad_(True)
+    opt = torch.optim.Adam([g.gate for g in active], lr=lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(batches), (batch_size,), generator=gen)
+        loss = lm_loss(model, batches[idx]) + lam1 * sum(g.gate.abs() for g in active)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def transfer(model: torch.nn.Module, gates, selected: list[int], batches: torch.Tensor, steps: int, batch_size: int,
+             lr: float, lam2: float, kept_only: bool, gen: torch.Generator) -> list[float]:
+    """Stage 2: selected blocks active, block weights updated on LM loss + λ2 Σ_{i∈P} mean ‖X_out − X_in‖₂."""
+    for g in gates:
+        g.masked = False
+        g.gate.data.fill_(1.0)
+        g.gate.requires_grad_(False)
+    for i, g in enumerate(gates):
+        g.record_transfer = i in selected
+    params = []
+    for name, p in model.named_parameters():
+        in_selected = any(name.startswith(f"model.layers.{i}.") for i in selected)
+        train = not name.endswith(".gate") and not (kept_only and in_selected)
+        p.requires_grad_(train)
+        if train:
+            params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(len(batches), (batch_size,), generator=gen)
+        lm = lm_loss(model, batches[idx])
+        loss = lm + lam2 * sum(gates[i].transfer_norm for i in selected)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for g in gates:
+        g.record_transfer = False
+    return losses
+
+
+class TRSP(StructuralMethod):
+    name = "trsp"
+    config: TRSPConfig
+
+    def rounds(self, num_layers: int) -> int:
+        return self.n_remove(num_layers) if self.config.iterative else 1
+
+    def _model(self, src: Path, state: dict):
+        model = load_dense(src)
+        gates = gate_model(model)
+        for g, value in zip(gates, state.get("gates") or [1.0] * len(gates)):
+            g.gate.data.fill_(value)
+        for i in state["selected"]:
+            gates[i].masked = True
+            gates[i].gate.data.fill_(0.0)
+        return model, gates
+
+    def run_round(self, src: Path, k: int, state: dict, ctx: RestructureContext) -> dict:
+        cfg = self.config
+        started = time.perf_counter()
+        torch.manual_seed(cfg.seed + k)
+        model, gates = self._model(src, state)
+        batches = calibration_batches(ctx.windows, cfg.windows, cfg.seqlen)
+        losses = train_gates(model, gates, batches, cfg.steps, cfg.batch_size, cfg.lr, cfg.lambda1, _generator(cfg.seed, k))
+        values = [float(g.gate.detach()) for g in gates]
+        unselected = [i for i in range(len(gates)) if i not in state["selected"]]
+        # argmin |S_i| among unselected blocks; ties go to the lower index (sorted is stable).
+        ranked = sorted(unselected, key=lambda i: abs(values[i]))
+        take = 1 if cfg.iterative else self.n_remove(state["num_layers"])
+        return {**state, "gates": values, "selected": state["selected"] + ranked[:take],
+                "history": state.get("history", []) + [{"round": k, "gates": values, "picked": ranked[:take],
+                                                        "loss_first": losses[0] if losses else None,
+                                                        "loss_last": losses[-1] if losses else None,
+                                                        "seconds": round(time.perf_counter() - started, 2)}]}
+
+    def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
+        cfg = self.config
+        selected = sorted(state["selected"])
+        record = {"removed": selected, "selection_order": state["selected"], "rounds": state.get("history", [])}
+        model, gates = self._model(src, {**state, "gates": None, "selected": []})
+        if cfg.stage2_steps > 0:
+            started = time.perf_counter()
+            torch.manual_seed(cfg.seed + 10_000)
+            batches = calibration_batches(ctx.windows, cfg.windows, cfg.seqlen)
+            losses = transfer(model, gates, selected, batches, cfg.stage2_steps, cfg.batch_size, cfg.stage2_lr,
+                              cfg.lambda2, cfg.stage2_kept_only, _generator(cfg.seed, 10_000))
+            record["stage2"] = {"steps": cfg.stage2_steps, "loss_first": losses[0], "loss_last": losses[-1],
+                                "seconds": round(time.perf_counter() - started, 2)}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        save_pruned(model, src, dst, selected)
+        return record
