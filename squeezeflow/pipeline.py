@@ -198,10 +198,13 @@ class StructureStep(BaseModel):
     record: dict
 
 
-def _structure_key(model: ModelInfo, config, calib: Ref) -> str:
-    return "structure-" + sha256_bytes(canonical_json({
-        "model": model.fingerprint, "method": config.model_dump(mode="json"), "calibration": calib.sha256,
-        "version": STAGE_VERSIONS["transform"]}))
+def _structure_key(model: ModelInfo, config, calib: Ref, rounds: bool = False) -> str:
+    """Index key of a structural step; with `rounds`, of its selection rounds, which ignore the settings
+    only the finish step reads (TRSP's stage 2), so trsp-25 and trsp-25-no-stage2 share them."""
+    exclude = set(getattr(get_method(config), "finish_only_fields", ())) if rounds else set()
+    return ("structure-rounds-" if rounds else "structure-") + sha256_bytes(canonical_json({
+        "model": model.fingerprint, "method": config.model_dump(mode="json", exclude=exclude),
+        "calibration": calib.sha256, "version": STAGE_VERSIONS["transform"]}))
 
 
 def _structure_context(store: ArtifactStore, model: ModelInfo, calib: Ref):
@@ -221,7 +224,7 @@ def _structure_context(store: ArtifactStore, model: ModelInfo, calib: Ref):
 def structure_round(store: ArtifactStore, model: ModelInfo, config, calib: Ref, k: int, state: dict) -> dict:
     """Round k of a structural method (e.g. one greedy TRSP/SLEB selection), stored under its own index
     key: a killed run finds rounds 0..k-1 there and resumes at round k."""
-    key = f"{_structure_key(model, config, calib)}-round-{k}"
+    key = f"{_structure_key(model, config, calib, rounds=True)}-round-{k}"
     ref = store.get_index(key)
     if ref is None:
         state = get_method(config).run_round(Path(model.path), k, state, _structure_context(store, model, calib))

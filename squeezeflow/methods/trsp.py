@@ -87,6 +87,7 @@ def transfer(model: torch.nn.Module, gates, selected: list[int], batches: torch.
 class TRSP(StructuralMethod):
     name = "trsp"
     config: TRSPConfig
+    finish_only_fields = ("lambda2", "stage2_steps", "stage2_lr", "stage2_kept_only")  # rounds ignore them
 
     def rounds(self, num_layers: int) -> int:
         return self.n_remove(num_layers) if self.config.iterative else 1
@@ -107,7 +108,10 @@ class TRSP(StructuralMethod):
         torch.manual_seed(cfg.seed + k)
         model, gates = self._model(src, state)
         batches = calibration_batches(ctx.windows, cfg.windows, cfg.seqlen)
-        losses = train_gates(model, gates, batches, cfg.steps, cfg.batch_size, cfg.lr, cfg.lambda1, _generator(cfg.seed, k))
+        # One-shot selection trains as many steps in its single round as the greedy rounds do in all
+        # (equal compute), so the ablation isolates the greedy masking.
+        steps = cfg.steps if cfg.iterative else cfg.steps * self.n_remove(state["num_layers"])
+        losses = train_gates(model, gates, batches, steps, cfg.batch_size, cfg.lr, cfg.lambda1, _generator(cfg.seed, k))
         values = [float(g.gate.detach()) for g in gates]
         unselected = [i for i in range(len(gates)) if i not in state["selected"]]
         # argmin |S_i| among unselected blocks; ties go to the lower index (sorted is stable).

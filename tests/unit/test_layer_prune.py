@@ -158,7 +158,7 @@ def test_round_failure_then_resume_gives_the_same_result(tiny4, tmp_path):
     seen = []
 
     def recording(store, model, config, c, k, state):
-        seen.append((k, store.get_index(f"{pipeline._structure_key(model, config, c)}-round-{k}") is not None))
+        seen.append((k, store.get_index(f"{pipeline._structure_key(model, config, c, rounds=True)}-round-{k}") is not None))
         return pipeline.structure_round(store, model, config, c, k, state)
 
     resumed = pipeline.restructure(crashy, plan.model, cfg, calib2, round_fn=recording)
