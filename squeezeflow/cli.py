@@ -301,6 +301,14 @@ def cmd_registry(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    dest = export(args.artifact, Path(args.dest), args.format)
+    _print_json({"path": str(dest), "format": args.format}) if args.json else print(dest)
+    return 0
+
+
 def cmd_services(args) -> int:
     from . import services
 
@@ -385,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--alias")
     reg.add_argument("--registry")
     reg.set_defaults(fn=cmd_registry)
+
+    exp = sub.add_parser("export", help="write an artifact in another runtime's format (vLLM: compressed-tensors)")
+    exp.add_argument("artifact", help="artifact directory, s3:// entry URI or model/recipe@alias")
+    exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
+    exp.add_argument("--dest", required=True, help="output directory (must be empty or absent)")
+    exp.set_defaults(fn=cmd_export)
 
     svc = sub.add_parser("services", help="the embedded Prefect and S3 servers")
     svc.add_argument("action", choices=["status", "stop"])
