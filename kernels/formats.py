@@ -23,14 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .eg_linear import EGLinear
+from .fp8_linear import FP8Linear
 from .outlier_linear import OutlierQuantLinear
 from .quad_linear import QuadLinear
 from .quant_linear import QuantLinear
+from .rf8_linear import RF8Linear
 from .sparse_linear import NMLinear, SparseLinear
 from .vq_linear import VQLinear
 
 FORMATS: dict[str, type[nn.Module]] = {cls.format_name: cls for cls in (QuantLinear, OutlierQuantLinear, SparseLinear, NMLinear, VQLinear,
-                                                                        QuadLinear)}
+                                                                        QuadLinear, RF8Linear, FP8Linear, EGLinear)}
 
 
 def format_class(format_name: str) -> type[nn.Module]:

@@ -226,8 +226,49 @@ class LastLayersConfig(LayerPruneConfig):
     method: Literal["lastlayers"] = "lastlayers"
 
 
+class RF8Config(Spec):
+    """RF8: every weight as sign · (2^e1 + s2 · 2^e2) in exactly 8 bits, plus an int8 exponent bias per row
+    (kernels/rf8_linear.py); no statistics."""
+
+    method: Literal["rf8"] = "rf8"
+
+
+class FP8Config(Spec):
+    """FP8 e4m3 (torch.float8_e4m3fn) weights with an fp16 scale per output row; no statistics."""
+
+    method: Literal["fp8"] = "fp8"
+
+
+class EGConfig(Spec):
+    """Exp-Golomb (k = 0) storage of a base method's integer codes, ranked by frequency per layer
+    (kernels/eg_linear.py); the base method runs unchanged."""
+
+    method: Literal["eg"] = "eg"
+    base: Annotated[Union[RTNConfig, GPTQConfig, RF8Config], Field(discriminator="method")]
+    chunk: int = Field(4096, ge=1, le=2**20, description="Codewords between two sync offsets of the stream")
+
+
+class BackSlashConfig(Spec):
+    """BackSlash: rate-constrained tuning, loss + λ·mean((|θ| + ε)^ν) over the decoder linears' weights with ν
+    re-estimated by a GGD fit at every step (AdamW on calibration windows), then RTN and exp-Golomb storage.
+    λ = 0 is an exact no-op (the tuned checkpoint is the input)."""
+
+    method: Literal["backslash"] = "backslash"
+    lam: float = Field(0.0, ge=0.0, description="Lagrange multiplier λ of the rate term")
+    eps: float = Field(1e-3, gt=0.0, le=1.0, description="ε in (|θ| + ε)^ν (soft gradient clipping)")
+    steps: int = Field(20, ge=1, le=100_000, description="Optimizer steps")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate (no weight decay)")
+    windows: int = Field(16, ge=1, le=100_000, description="Calibration windows used for training (cycled)")
+    seqlen: int = Field(256, ge=8, description="Tokens per training window (calibration windows are cut)")
+    bits: int = Field(8, ge=2, le=8, description="RTN bits after tuning")
+    group_size: int | None = Field(None, description="RTN group size; None = per output channel")
+    chunk: int = Field(4096, ge=1, le=2**20, description="Exp-Golomb codewords per sync offset")
+    seed: int = 0
+
+
 MethodConfig = Annotated[Union[RTNConfig, GPTQConfig, GWQConfig, NoWagPConfig, WandaConfig, MagnitudeConfig, NoWagVQConfig,
-                           QUADConfig, TRSPConfig, ShortGPTConfig, SLEBConfig, LastLayersConfig],
+                           QUADConfig, TRSPConfig, ShortGPTConfig, SLEBConfig, LastLayersConfig,
+                           RF8Config, FP8Config, EGConfig, BackSlashConfig],
                          Field(discriminator="method")]
 
 
@@ -255,13 +296,16 @@ _QUAD_PRESET = re.compile(r"(quad|quarot)-w(\d)a(4|6|8|16)(a8)?(?:-r(\d+))?(-pef
 _VQ_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
 _LAYER_PRESET = re.compile(r"(trsp|shortgpt|sleb|lastlayers)-(\d{1,2})((?:-no-iter|-no-stage2)*)")
 _LAYER_CONFIGS = {"trsp": TRSPConfig, "shortgpt": ShortGPTConfig, "sleb": SLEBConfig, "lastlayers": LastLayersConfig}
+_FLOAT8_PRESETS = {"rf8": RF8Config, "fp8-e4m3": FP8Config}
+_BACKSLASH_PRESET = re.compile(r"backslash-l(\d+(?:\.\d+)?(?:e\d+)?)-w(\d)(?:g(\d+|c))?(?:-s(\d+))?")
 # Subvector length by bits when a VQ preset does not name one: K = 4096 centroids (12-bit indices).
 _VQ_DEFAULT_D = {1: 12, 2: 6, 3: 4, 4: 3}
 PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rtn-w8gc", "gwq-w3g64", "gwq-w3g64-gptq",
                    "gwq-w3g64-fisher-n32-o2", "nowag-p50", "nowag-p2:4",
                    "nowag-p4:8", "wanda-p50", "wanda-p2:4", "magnitude-p50", "nowag-vq2", "nowag-vq3",
                    "quad-w4a4", "quad-w4a4a8", "quad-w4a4a8-peft", "quarot-w4a4", "quad-w4a4-r16",
-                   "trsp-25", "trsp-25-no-iter", "shortgpt-25", "sleb-25", "lastlayers-25", "trsp-25+gwq-w4g64")
+                   "trsp-25", "trsp-25-no-iter", "shortgpt-25", "sleb-25", "lastlayers-25", "trsp-25+gwq-w4g64",
+                   "rf8", "fp8-e4m3", "rtn-w4g64-eg", "rf8-eg", "backslash-l1000-w8gc-s20")
 
 
 def preset(name: str) -> Recipe:
@@ -280,6 +324,22 @@ def preset(name: str) -> Recipe:
         if not all(parts):
             raise BadInput(f"recipe {name!r}: empty step in a '+' chain")
         return Recipe(name=name, methods=[m for part in parts for m in preset(part).methods])
+    if name in _FLOAT8_PRESETS:
+        return Recipe(name=name, methods=[_FLOAT8_PRESETS[name]()])
+    if name.endswith("-eg"):
+        base = preset(name[:-3]).methods
+        if len(base) != 1 or base[0].method not in ("rtn", "gptq", "rf8"):
+            raise BadInput(f"recipe {name!r}: exp-Golomb storage (-eg) wraps rtn, gptq or rf8 codes, not {name[:-3]!r}")
+        return Recipe(name=name, methods=[EGConfig(base=base[0])])
+    if m := _BACKSLASH_PRESET.fullmatch(name):
+        kwargs = {"lam": float(m.group(1)), "bits": int(m.group(2)),
+                  "group_size": None if m.group(3) in (None, "c") else int(m.group(3))}
+        if m.group(4):
+            kwargs["steps"] = int(m.group(4))
+        try:
+            return Recipe(name=name, methods=[BackSlashConfig(**kwargs)])
+        except ValidationError as e:
+            raise BadInput(f"recipe {name!r}: {one_line(e)}") from None
     if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and (m.group(4) or m.group(5))):
         method, bits, group = m.group(1), int(m.group(2)), m.group(3)
         kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}

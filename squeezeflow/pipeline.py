@@ -159,18 +159,34 @@ def saliency(store: ArtifactStore, model: ModelInfo, calib: Ref, statistics: tup
                    trust_remote_code=model.trust_remote_code)
 
 
-def transform(store: ArtifactStore, model: ModelInfo, recipe: Recipe, stats: dict[str, StatsRef]) -> ModelInfo:
+def transform(store: ArtifactStore, model: ModelInfo, recipe: Recipe, stats: dict[str, StatsRef],
+              calib: Ref | None = None) -> ModelInfo:
     """The model as the recipe's method rewrites it before compression (QUAD's expanded, rotated
     checkpoint), stored once per (model, method config, statistics) and returned as a model of its own:
-    the compress and pack stages read it, evaluation still compares against the original."""
+    the compress and pack stages read it, evaluation still compares against the original. Methods with
+    `transform_input = "calibration"` (BackSlash's tuning) get the calibration windows instead of the
+    pooled residual covariance."""
     from .stats.residual_cov import pooled_residual_cov
 
     method = get_method(recipe.methods[0])
-    key = "transform-" + sha256_bytes(canonical_json({
-        "model": model.fingerprint, "method": recipe.methods[0].model_dump(mode="json"),
-        "stats": {k: v.key for k, v in sorted(stats.items())}, "version": STAGE_VERSIONS["transform"]}))
-    ref = _stored_dir(store, key, "transformed-model", lambda out: method.transform(
-        Path(model.path), out, pooled_residual_cov(store, stats["residual_cov"])))
+    on_calibration = getattr(method, "transform_input", "residual_cov") == "calibration"
+    if on_calibration and calib is None:
+        raise BadInput(f"recipe {recipe.name!r} transforms the model on calibration windows; none were given")
+    inputs = {"model": model.fingerprint, "method": recipe.methods[0].model_dump(mode="json"),
+              "stats": {k: v.key for k, v in sorted(stats.items())}, "version": STAGE_VERSIONS["transform"]}
+    if on_calibration:
+        inputs["calibration"] = calib.sha256
+    key = "transform-" + sha256_bytes(canonical_json(inputs))
+
+    def build(out: Path) -> None:
+        if on_calibration:
+            from .calibration import CalibrationSet
+
+            method.transform(Path(model.path), out, CalibrationSet.get(store, calib).windows)
+        else:
+            method.transform(Path(model.path), out, pooled_residual_cov(store, stats["residual_cov"]))
+
+    ref = _stored_dir(store, key, "transformed-model", build)
     return model.model_copy(update={"path": str(store.materialize(ref)), "fingerprint": ref.sha256})
 
 
@@ -446,7 +462,7 @@ def compress_to_packed(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict
             return [], steps[-1].ref
         stats = saliency(store, plan.model, calib, plan.statistics)
     stats = {k: v for k, v in stats.items() if k in plan.statistics}
-    target = transform(store, plan.model, plan.recipe, stats) if plan.transform else plan.model
+    target = transform(store, plan.model, plan.recipe, stats, calib) if plan.transform else plan.model
     if plan.sequential:
         blocks = compress_sequential(store, target, plan.recipe, calib, stats)
     else:

@@ -1,0 +1,88 @@
+"""FP8Linear: the "fp8" packed format, torch.float8_e4m3fn weights with one fp16 scale per output row.
+
+The baseline RF8 is compared with at the same 8 bits per weight (METHODS.md, Generalized-Gaussian coding).
+
+Stored fields of a module (safetensors ``<module>.<field>``):
+
+* ``codes`` float8_e4m3fn ``[out, in]`` (safetensors dtype F8_E4M3)
+* ``scales`` float16 ``[out]``: the row's largest |w| / 448 (e4m3's largest finite value), rounded to
+  fp16 *before* the codes are chosen, so the stored pair computes exactly the weight the encoder picked.
+* ``bias`` float32 ``[out]``, only when the layer has a bias.
+
+W[o, i] = float(codes[o, i]) · scales[o], in float32. Cost: 8 + 16 / in bits per weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .packed_linear import PackedLinear
+
+FORMAT_NAME = "fp8"
+E4M3_MAX = 448.0
+
+
+def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes float8_e4m3fn [out, in], scales fp16 [out]) for a weight [out, in]; round to nearest even."""
+    if w.dim() != 2:
+        raise ValueError(f"fp8 encodes a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    x = w.detach().float()
+    if not torch.isfinite(x).all():
+        raise ValueError("fp8 cannot encode NaN or infinite weights")
+    tiny = torch.finfo(torch.float16).tiny
+    scales = (x.abs().amax(1) / E4M3_MAX).clamp(min=tiny).half()
+    # The fp16 rounding of the scale may push amax / scale a little past 448: clamp into range.
+    q = (x / scales.float().unsqueeze(1)).clamp(-E4M3_MAX, E4M3_MAX)
+    return q.to(torch.float8_e4m3fn), scales
+
+
+def decode(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (codes.to(torch.float32) * scales.to(torch.float32).unsqueeze(1)).to(dtype)
+
+
+class FP8Linear(PackedLinear):
+    """Linear layer with float8_e4m3fn weights and a per-row fp16 scale."""
+
+    format_name = FORMAT_NAME
+    packed_fields = ("codes", "scales")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, dtype)
+        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16, device=device))
+        self._register_bias(bias, device)
+
+    @staticmethod
+    def check_params(params: Mapping[str, Any]) -> None:
+        unknown = set(params) - {"format"}
+        if unknown:
+            raise ValueError(f"format {FORMAT_NAME!r} takes no parameters; unknown {sorted(unknown)}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], in_features: int, out_features: int, bias: bool,
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> FP8Linear:
+        cls.check_params(params)
+        return cls(in_features, out_features, bias, dtype, device)
+
+    @staticmethod
+    def pack_fields(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if codes.dim() != 2 or codes.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"fp8 codes must be float8_e4m3fn [out, in], got {codes.dtype} {tuple(codes.shape)}")
+        if tuple(scales.shape) != (codes.shape[0],) or not scales.dtype.is_floating_point:
+            raise ValueError(f"fp8 scales must be float [{codes.shape[0]}], got {scales.dtype} {tuple(scales.shape)}")
+        fields = {"codes": codes.contiguous(), "scales": scales.detach().to(torch.float16).contiguous()}
+        if bias is not None:
+            if tuple(bias.shape) != (codes.shape[0],):
+                raise ValueError(f"bias must have shape ({codes.shape[0]},), got {tuple(bias.shape)}")
+            fields["bias"] = bias.detach().to(torch.float32).contiguous()
+        return fields
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return decode(self.codes, self.scales, dtype or self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, format=fp8"

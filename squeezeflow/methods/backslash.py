@@ -1,0 +1,120 @@
+"""BackSlash (arXiv 2504.16968): rate-constrained tuning, then RTN and exp-Golomb storage.
+
+transform (the flow's transform stage, on calibration windows): minimise
+
+    J(θ) = LM loss + λ · mean_i (|θ_i| + ε)^ν
+
+over the weights of every decoder linear (the ones that are quantized and entropy coded; embeddings
+and norms stay frozen), with ν re-estimated at every step by the moment-matching GGD fit of those
+weights pooled (methods/ggd.py). The rate term goes through the optimizer with the loss (the paper's
+formulation; the released reproduction applies a decoupled step with ε = 1 instead, see notes §B.2).
+AdamW without weight decay, `steps` steps of one window of `seqlen` tokens, windows cycled in a seeded
+order. λ = 0 has no rate term, so nothing is tuned: the checkpoint is copied byte for byte (an exact
+no-op, tested); a loss-only fine-tune is a different experiment.
+
+compress: RTN (bits, group or per channel) of the tuned weights, stored as exp-Golomb coded codes
+("eg" format around "intq"), so one recipe `backslash-l<λ>-w<bits>[g<group>|gc][-s<steps>]` runs
+tune → quantize → exp-Golomb.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import BackSlashConfig, EGConfig, RTNConfig
+from .base import CompressedLinear, Method
+from .entropy_coded import EntropyCoded
+from .ggd import shape_from_rho
+
+
+def pooled_shape(weights: list[torch.Tensor]) -> float:
+    """GGD shape ν of all the weights pooled, from fp64 moment sums (no concatenation)."""
+    n, s1, s2 = 0, 0.0, 0.0
+    with torch.no_grad():
+        for w in weights:
+            n += w.numel()
+            s1 += float(w.detach().abs().sum(dtype=torch.float64))
+            s2 += float(w.detach().pow(2).sum(dtype=torch.float64))
+    return shape_from_rho(n * s2 / (s1 * s1))
+
+
+def rate(weights: list[torch.Tensor], nu: float, eps: float) -> torch.Tensor:
+    """mean over all weights of (|θ| + ε)^ν, differentiable."""
+    n = sum(w.numel() for w in weights)
+    return sum(((w.abs() + eps) ** nu).sum() for w in weights) / n
+
+
+def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashConfig) -> dict:
+    """Write the BackSlash-tuned dense checkpoint of `src` into `dst`; returns the training record."""
+    from ..models import decoder_linears, load_model
+
+    dst.mkdir(parents=True, exist_ok=True)
+    if cfg.lam == 0:
+        for f in sorted(Path(src).iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, dst / f.name)
+        return {"steps": 0, "note": "lambda = 0: no rate term, checkpoint copied unchanged"}
+    torch.manual_seed(cfg.seed)
+    model = load_model(Path(src), torch.float32)
+    model.requires_grad_(False)
+    weights = []
+    for layer in model.model.layers:
+        for lin in decoder_linears(layer).values():
+            lin.weight.requires_grad_(True)
+            weights.append(lin.weight)
+    data = windows[: cfg.windows, : cfg.seqlen]
+    order = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.0)
+    log = []
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        ids = data[order[step % data.shape[0]]].unsqueeze(0)
+        nu = pooled_shape(weights)
+        out = model(input_ids=ids, labels=ids)
+        r = rate(weights, nu, cfg.eps)
+        loss = out.loss + cfg.lam * r
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        log.append({"step": step, "lm_loss": round(float(out.loss), 6), "rate": round(float(r), 8),
+                    "nu": round(nu, 4)})
+    seconds = time.perf_counter() - t0
+    model.requires_grad_(False)
+    model.save_pretrained(dst, safe_serialization=True)
+    for f in sorted(Path(src).iterdir()):
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+            shutil.copyfile(f, dst / f.name)
+    record = {"steps": cfg.steps, "seconds": round(seconds, 2),
+              "seconds_per_step": round(seconds / cfg.steps, 3), "nu_final": round(pooled_shape(weights), 4),
+              "log": log}
+    (dst / "backslash.json").write_text(json.dumps(record, sort_keys=True, indent=1))
+    return record
+
+
+class BackSlash(Method):
+    name = "backslash"
+    transforms_model = True
+    transform_input = "calibration"     # pipeline.transform hands over the calibration windows
+    config: BackSlashConfig
+
+    def __init__(self, config: BackSlashConfig):
+        super().__init__(config)
+        self.coder = EntropyCoded(EGConfig(base=RTNConfig(bits=config.bits, group_size=config.group_size),
+                                           chunk=config.chunk))
+
+    def check(self, linear_shapes):
+        self.coder.check(linear_shapes)
+
+    def transform(self, src: Path, dst: Path, windows: torch.Tensor) -> None:
+        tune_checkpoint(src, dst, windows, self.config)
+
+    def compress_linear(self, name, weight, stats) -> CompressedLinear:
+        return self.coder.compress_linear(name, weight, stats)
+
+    def dequantize(self, c):
+        return self.coder.dequantize(c)
+
