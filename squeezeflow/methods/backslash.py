@@ -80,7 +80,7 @@ def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashC
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"step": step, "lm_loss": round(float(out.loss), 6), "rate": round(float(r), 8),
+        log.append({"step": step, "lm_loss": round(out.loss.item(), 6), "rate": round(r.item(), 8),
                     "nu": round(nu, 4)})
     seconds = time.perf_counter() - t0
     model.requires_grad_(False)
