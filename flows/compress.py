@@ -19,7 +19,10 @@ from squeezeflow.tasks.compress import compress_block, compress_sequential
 from squeezeflow.tasks.evaluate import evaluate
 from squeezeflow.tasks.pack import pack
 from squeezeflow.tasks.publish import assemble, publish
+from squeezeflow.tasks.restructure import restructure
 from squeezeflow.tasks.saliency import saliency
+from squeezeflow.tasks.transform import transform
+from squeezeflow.tasks.tune import tune
 
 
 class Destinations(BaseModel):
@@ -36,13 +39,28 @@ def compress_recipe(store: str, plan: pipeline.Plan, calib, stats: dict, baselin
     m = plan.model
     # Only the statistics this recipe declared: same cache keys and lineage as a single-recipe run.
     stats = {k: v for k, v in stats.items() if k in plan.statistics}
-    if plan.sequential:
-        blocks = compress_sequential(store, m, plan.recipe, calib, stats)
-    else:  # layer-wise: one task per block, so a crash loses at most one block and a cluster can fan out
-        futures = [compress_block.submit(store, m, i, plan.recipe, stats) for i in range(m.num_layers)]
-        blocks = [f.result() for f in futures]
-    packed = pack(store, m, plan.recipe, blocks)
-    metrics = evaluate(store, m, packed, plan.evaluation, plan.recipe.name)
+    wplan = plan
+    if plan.structural:  # layer removal first; the weight method then sees the shallower model
+        for config in plan.recipe.methods[:plan.structural]:
+            step = restructure(store, m, config, calib)
+            m = step.model
+        wplan = pipeline.weight_plan(plan, m)
+        if wplan is not None:  # its statistics are collected on the model as it now stands
+            stats = saliency(store, m, calib, wplan.statistics)
+    if wplan is None:  # removal only: the artifact is the shallower plain checkpoint
+        blocks, packed = [], step.ref
+    else:
+        if wplan.transform:
+            m = transform(store, m, wplan.recipe, stats)
+        if wplan.sequential:
+            blocks = compress_sequential(store, m, wplan.recipe, calib, stats)
+        else:  # layer-wise: one task per block, so a crash loses at most one block and a cluster can fan out
+            futures = [compress_block.submit(store, m, i, wplan.recipe, stats) for i in range(m.num_layers)]
+            blocks = [f.result() for f in futures]
+        packed = pack(store, m, wplan.recipe, blocks)
+        if wplan.tune:
+            packed = tune(store, m, wplan.recipe, calib, packed)
+    metrics = evaluate(store, plan.model, packed, plan.evaluation, plan.recipe.name)
     artifact = assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
     entry = publish(store, artifact, registry) if registry else None
     return artifact, entry
