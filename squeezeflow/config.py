@@ -297,7 +297,8 @@ _VQ_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
 _LAYER_PRESET = re.compile(r"(trsp|shortgpt|sleb|lastlayers)-(\d{1,2})((?:-no-iter|-no-stage2)*)")
 _LAYER_CONFIGS = {"trsp": TRSPConfig, "shortgpt": ShortGPTConfig, "sleb": SLEBConfig, "lastlayers": LastLayersConfig}
 _FLOAT8_PRESETS = {"rf8": RF8Config, "fp8-e4m3": FP8Config}
-_BACKSLASH_PRESET = re.compile(r"backslash-l(\d+(?:\.\d+)?(?:e\d+)?)-w(\d)(?:g(\d+|c))?(?:-s(\d+))?")
+_BACKSLASH_PRESET = re.compile(r"backslash-l(\d+(?:\.\d+)?(?:e\d+)?)-w(\d)(?:g(\d+|c))?(?:-s(\d+))?"
+                               r"(?:-lr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
 # Subvector length by bits when a VQ preset does not name one: K = 4096 centroids (12-bit indices).
 _VQ_DEFAULT_D = {1: 12, 2: 6, 3: 4, 4: 3}
 PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rtn-w8gc", "gwq-w3g64", "gwq-w3g64-gptq",
@@ -318,7 +319,10 @@ def preset(name: str) -> Recipe:
     quad-w4a4a8 = 8-bit inputs to o_proj/down_proj; -peft = 200 tuning steps; quarot = r 0);
     layer removal `<trsp|shortgpt|sleb|lastlayers>-<percent>` (trsp-25 = 7 of 30 blocks, rounded down;
     trsp ablations `-no-iter`, `-no-stage2`); chains joined by '+', structural first
-    (`trsp-25+gwq-w4g64`: remove blocks, then quantize the shallower model)."""
+    (`trsp-25+gwq-w4g64`: remove blocks, then quantize the shallower model);
+    8-bit floats `rf8` (residual floating point) and `fp8-e4m3` (per-row scale); `<rtn|gptq|rf8 preset>-eg`
+    stores that preset's codes exp-Golomb coded (rtn-w4g64-eg, rf8-eg); BackSlash
+    `backslash-l<λ>-w<bits>[g<group>|gc][-s<steps>][-lr<lr>]` (tune, then RTN + exp-Golomb; λ = 0: no tuning)."""
     if "+" in name:
         parts = name.split("+")
         if not all(parts):
@@ -336,6 +340,8 @@ def preset(name: str) -> Recipe:
                   "group_size": None if m.group(3) in (None, "c") else int(m.group(3))}
         if m.group(4):
             kwargs["steps"] = int(m.group(4))
+        if m.group(5):
+            kwargs["lr"] = float(m.group(5))
         try:
             return Recipe(name=name, methods=[BackSlashConfig(**kwargs)])
         except ValidationError as e:
@@ -401,7 +407,13 @@ def load_recipe(spec: str) -> Recipe:
             path = Path(spec)
             if not path.is_file():
                 raise BadInput(f"recipe file {spec!r} does not exist")
-            data = yaml.safe_load(path.read_text())
+            try:
+                data = yaml.safe_load(path.read_text())
+            except yaml.YAMLError as e:  # one line: where and what, not the parser's multi-line excerpt
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise BadInput(f"recipe file {spec!r} is not valid YAML{where}: "
+                               f"{getattr(e, 'problem', None) or e}") from None
             if not isinstance(data, dict):
                 raise BadInput(f"recipe file {spec!r} must hold a mapping with 'name' and 'methods'")
             data.setdefault("name", path.stem.lower())
