@@ -12,11 +12,29 @@ except ImportError as _e:  # pragma: no cover - only when the integration module
         raise
 
 
-def load(ref: str, dtype=None):
-    """Load a packed artifact from the registry (s3:// URI or `model/recipe@alias`) or a local directory,
-    verifying every file's sha256 first. Returns a transformers model."""
+def load(ref: str, dtype=None, *, tokenizer: bool = False):
+    """Load an artifact in one line: ``squeezeflow.load("s3://…" | "model/recipe@alias" | dir)``.
+
+    A registry entry is downloaded once into the local cache (scratch_dir()/pulled), every file checked
+    against its manifest's sha256 on the way in, and the cached copy re-verified on each later load; a
+    local artifact directory with a manifest.json is verified the same way (a directory without one,
+    e.g. a plain checkpoint, loads as is). Returns the transformers model, or ``(model, tokenizer)`` with
+    ``tokenizer=True``."""
+    from pathlib import Path
+
     import torch
 
-    from .models import load as _load
+    from .errors import BadInput
+    from .models import load_model, load_tokenizer, pull_artifact
+    from .registry import verify_dir
 
-    return _load(ref, dtype or torch.float32)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if (path / "manifest.json").exists():
+            verify_dir(path)
+    elif ref.startswith("s3://") or "@" in ref:
+        path = pull_artifact(ref)  # verified download, or a verified cached copy
+    else:
+        raise BadInput(f"cannot load {ref!r}: not a directory, an s3:// URI or a model/recipe@alias reference")
+    model = load_model(path, dtype or torch.float32)
+    return (model, load_tokenizer(path)) if tokenizer else model
