@@ -168,6 +168,30 @@ def end_to_end(device: torch.device, dtype: torch.dtype, prompt_len: int, new_to
     return out
 
 
+def markdown(result: dict) -> str:
+    """The microbenchmark as one table (a row per shape and batch: dense ms, then each format's speedup)
+    and the end-to-end ratios."""
+    rows, info = result["micro"], result["settings"]
+    formats = [f for f in dict.fromkeys(r["format"] for r in rows) if f != "dense"]
+    lines = [f"Device: {info['device']} ({info['dtype']}), torch {info['torch']}, triton {info['triton']}, "
+             f"{info['threads']} thread(s), load average {info['load_average']}. Command: `{info['command']}`.",
+             "", "Speedup = dense ms / format ms in the same run (> 1: faster than dense).", "",
+             "| out x in | batch | dense ms | " + " | ".join(formats) + " |",
+             "|---|---|---|" + "---|" * len(formats)]
+    for (out_f, in_f, batch) in dict.fromkeys((r["out"], r["in"], r["batch"]) for r in rows):
+        cell = {r["format"]: r for r in rows if (r["out"], r["in"], r["batch"]) == (out_f, in_f, batch)}
+        dense = next(iter(cell.values()))["dense_ms"]
+        lines.append(f"| {out_f}x{in_f} | {batch} | {dense:.3f} | "
+                     + " | ".join(f"{cell[f]['speedup']:.2f}" if f in cell else "" for f in formats) + " |")
+    if result.get("end_to_end"):
+        lines += ["", "End to end, SmolLM2-135M, every decoder linear RTN-packed (decode tokens/s, greedy, KV cache):",
+                  "", "| variant | decode tok/s | base tok/s | decode ratio | prefill ratio |", "|---|---|---|---|---|"]
+        for label, r in result["end_to_end"].items():
+            lines.append(f"| {label} | {r['model']['decode_tokens_per_s']:.2f} | {r['base']['decode_tokens_per_s']:.2f} "
+                         f"| {r['decode_ratio']:.3f} | {r['prefill_ratio']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_shapes(spec: str) -> list[tuple[int, int]]:
     shapes = []
     for part in spec.split(","):
@@ -193,7 +217,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None, help="default benchmarks/results/kernels_<cpu|cuda>.json")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite JSON's markdown table, no timing")
     args = ap.parse_args()
+    if args.render:
+        src = Path(args.render)
+        src.with_suffix(".md").write_text(markdown(json.loads(src.read_text())))
+        print(f"wrote {src.with_suffix('.md')}")
+        return
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -224,8 +254,11 @@ def main() -> None:
     info["wall_s"] = round(time.time() - t0, 1)
     dest = Path(args.json) if args.json else _HERE / "results" / f"kernels_{device.type}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"settings": info, "micro": rows, "end_to_end": e2e}, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {dest}")
+    result = {"settings": info, "micro": rows, "end_to_end": e2e}
+    dest.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    dest.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"wrote {dest} and {dest.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
