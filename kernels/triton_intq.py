@@ -6,8 +6,18 @@ in int32 words, so input ``k`` of row ``n`` starts at bit ``k * bits``. Widths d
 never straddle a word; other widths (3, 5, 6, 7) may, and then the code is taken from a 64-bit window
 over two words (``STRADDLE``).
 
-Reference: ``F.linear(x, QuantLinear.dequantize(x.dtype), bias)``. Accumulation is in float32; the
-weight tile is rounded to the activation dtype before the product, as the reference's dense weight is.
+Three kernels, chosen by ``intq_linear``:
+
+* batch <= GEMV_MAX_ROWS, widths dividing 32 with whole-word power-of-two groups (W4 g64/g128, W2, W8):
+  ``_gemv_aligned_kernel`` loads each word once, splits it with shifts, and loads a scale and zero-point
+  per group, not per weight (decode is memory- and load-bound: this is the path W4 decoding takes);
+* other small batches (W3, odd groups): ``_gemv_kernel``, one gathered word per code;
+* larger batches: ``_gemm_kernel``, dequantized tiles into ``tl.dot``.
+
+Reference: ``F.linear(x, QuantLinear.dequantize(x.dtype), bias)``. Accumulation is in float32. The GEMM
+and the generic GEMV round the weight tile to the activation dtype before the product, as the
+reference's dense weight is; the aligned GEMV multiplies the float32 weight (a difference of at most
+one half-precision rounding per weight in fp16/bf16).
 """
 
 from __future__ import annotations
@@ -86,6 +96,57 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, n_words,
 
 
 @autotune_unless_interpreted(
+    configs=[triton.Config({"BN": bn, "GPT": gpt}, num_warps=w, num_stages=s)
+             for bn, gpt, w, s in ((8, 2, 4, 3), (16, 1, 4, 3), (16, 2, 4, 3), (16, 4, 8, 3), (32, 1, 4, 3),
+                                   (32, 2, 8, 3), (64, 1, 8, 2), (8, 4, 4, 4))],
+    key=["N", "K", "BITS", "GROUP"],
+)
+@triton.jit
+def _gemv_aligned_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K,
+                         stride_xm, stride_qw, stride_s, stride_ym,
+                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BN: tl.constexpr, GPT: tl.constexpr):
+    """Batch-1 GEMV for widths dividing 32 and groups of whole words (the common W4/W2/W8 case): each
+    int32 word is loaded once and split into its 32 / BITS codes with shifts, and each tile covers GPT
+    whole groups, so a scale and zero-point are loaded once per group instead of once per weight."""
+    PER: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // PER  # words per group
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_mask = rn < N
+    shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    n_groups = K // GROUP
+    for g0 in range(0, n_groups, GPT):
+        rg = g0 + tl.arange(0, GPT)
+        g_mask = rg < n_groups
+        mask2 = n_mask[:, None] & g_mask[None, :]
+        rw = g0 * WPG + tl.arange(0, GPT * WPG)
+        w_mask = n_mask[:, None] & (rw < n_groups * WPG)[None, :]
+        words = tl.load(qw_ptr + rn[:, None] * stride_qw + rw[None, :], mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BN, GPT*WPG, PER]
+        codes = tl.reshape(codes, (BN, GPT, GROUP)).to(tl.float32)  # input k = word * PER + j, in order
+        g_off = rn[:, None] * stride_s + rg[None, :]
+        scale = tl.load(s_ptr + g_off, mask=mask2, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + g_off, mask=mask2, other=0.0).to(tl.float32)
+        rk = rg[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        x = tl.load(x_ptr + m * stride_xm + rk, mask=g_mask[:, None], other=0.0).to(tl.float32)  # [GPT, GROUP]
+        w = (codes - zero[:, :, None]) * scale[:, :, None]
+        acc += tl.sum(tl.sum(w * x[None, :, :], axis=2), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _aligned(bits: int, group_size: int) -> bool:
+    """Whether the word-aligned GEMV applies: whole codes per word, whole words per group, and a
+    power-of-two group (Triton block shapes are powers of two)."""
+    return 32 % bits == 0 and group_size % (32 // bits) == 0 and group_size & (group_size - 1) == 0 \
+        and 32 // bits <= group_size <= 1024
+
+
+@autotune_unless_interpreted(
     configs=[triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
              for bm, bn, bk, w, s in ((16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
                                       (32, 128, 64, 4, 3), (64, 128, 32, 8, 3), (16, 128, 128, 8, 2))],
@@ -144,7 +205,12 @@ def intq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     common = dict(BITS=bits, GROUP=group_size, STRADDLE=32 % bits != 0, HAS_BIAS=has_bias,
                   W_DTYPE=_TL_DTYPES[x.dtype])
     args = (x2, qweight, scales, zeros, b, y)
-    if m <= GEMV_MAX_ROWS:
+    if m <= GEMV_MAX_ROWS and _aligned(bits, group_size):
+        grid = lambda meta: (triton.cdiv(n_out, meta["BN"]), m)  # noqa: E731
+        _gemv_aligned_kernel[grid](x2, qweight, scales, zeros, b, y, n_out, k, x2.stride(0), qweight.stride(0),
+                                   scales.stride(0), y.stride(0), BITS=bits, GROUP=group_size, HAS_BIAS=has_bias,
+                                   **_fixed(_gemv_aligned_kernel, BN=16, GPT=2))
+    elif m <= GEMV_MAX_ROWS:
         grid = lambda meta: (triton.cdiv(n_out, meta["BN"]), m)  # noqa: E731
         _gemv_kernel[grid](*args, n_out, k, qweight.shape[1], x2.stride(0), qweight.stride(0),
                            scales.stride(0), y.stride(0), **common, **_fixed(_gemv_kernel, BN=16, BK=64))

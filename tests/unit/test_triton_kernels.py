@@ -21,7 +21,7 @@ from squeezeflow.kernels.quant_linear import QuantLinear  # noqa: E402
 from squeezeflow.kernels.semi_structured import semi_structured_reason  # noqa: E402
 from squeezeflow.kernels.sparse_linear import NMLinear  # noqa: E402
 from squeezeflow.kernels.triton_common import interpreted  # noqa: E402
-from squeezeflow.kernels.triton_intq import GEMV_MAX_ROWS, intq_linear  # noqa: E402
+from squeezeflow.kernels.triton_intq import GEMV_MAX_ROWS, _aligned, intq_linear  # noqa: E402
 from squeezeflow.kernels.triton_outliers import csr_add_, intq_outliers_linear  # noqa: E402
 from squeezeflow.kernels.triton_vq import vq_gemv  # noqa: E402
 from squeezeflow.kernels.vq_linear import VQLinear  # noqa: E402
@@ -65,6 +65,16 @@ def test_intq_kernel_float16_and_batch_dims(rows):
     y = intq_linear(x, module.qweight, module.scales, module.zeros, 4, 64, module.bias)
     assert y.shape == (2, rows, 24) and y.dtype == torch.float16
     torch.testing.assert_close(y, reference(module, x), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 48), (2, 256), (8, 32)])
+def test_intq_gemv_word_aligned_and_generic_paths(bits, group_size):
+    # (4, 48): 48 is no power of two, so batch 1 takes the generic GEMV; the others the word-aligned one.
+    assert _aligned(bits, group_size) == (group_size != 48)
+    module = random_intq(37, group_size * 3, bits, group_size, bias=True, seed=group_size)
+    x = torch.randn(1, 1, group_size * 3)
+    y = intq_linear(x, module.qweight, module.scales, module.zeros, bits, group_size, module.bias)
+    torch.testing.assert_close(y, reference(module, x), rtol=1e-5, atol=1e-5)
 
 
 def test_intq_kernel_per_channel_group():
