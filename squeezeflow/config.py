@@ -195,13 +195,13 @@ class TRSPConfig(LayerPruneConfig):
     lambda1: float = Field(5e-3, ge=0.0, description="L1 weight on the gates (stage 1)")
     lambda2: float = Field(1e-3, ge=0.0, description="Weight of the transfer penalty (stage 2)")
     iterative: bool = Field(True, description="Greedy rounds (one block per round); False = one-shot selection")
-    steps: int = Field(16, ge=1, le=100_000, description="Gate-training steps per round (stage 1)")
+    steps: int = Field(8, ge=1, le=100_000, description="Gate-training steps per round (stage 1)")
     lr: float = Field(1e-2, gt=0.0, le=10.0, description="Adam learning rate of the gates")
-    stage2_steps: int = Field(16, ge=0, le=100_000, description="Transfer steps (0 = no stage 2)")
+    stage2_steps: int = Field(8, ge=0, le=100_000, description="Transfer steps (0 = no stage 2)")
     stage2_lr: float = Field(2e-5, gt=0.0, le=1.0, description="AdamW learning rate of the block weights (stage 2)")
     stage2_kept_only: bool = Field(False, description="Stage 2 updates only the kept blocks (and embeddings/norm)")
     windows: int = Field(32, ge=1, le=100_000, description="Calibration windows used for training")
-    seqlen: int = Field(256, ge=8, description="Tokens per training window (calibration windows are cut)")
+    seqlen: int = Field(128, ge=8, description="Tokens per training window (calibration windows are cut)")
     batch_size: int = Field(1, ge=1, le=1024, description="Windows per step")
     seed: int = 0
 
@@ -216,8 +216,8 @@ class SLEBConfig(LayerPruneConfig):
     """SLEB-style: greedily remove the block whose removal raises calibration perplexity least."""
 
     method: Literal["sleb"] = "sleb"
-    windows: int = Field(8, ge=1, le=100_000, description="Calibration windows scored per candidate")
-    seqlen: int = Field(256, ge=8, description="Tokens per scored window")
+    windows: int = Field(4, ge=1, le=100_000, description="Calibration windows scored per candidate")
+    seqlen: int = Field(128, ge=8, description="Tokens per scored window")
 
 
 class LastLayersConfig(LayerPruneConfig):
