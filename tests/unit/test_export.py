@@ -86,6 +86,16 @@ def test_pruned_export_is_a_dense_checkpoint_with_zeros(packed_dirs, recipe, tmp
     torch.testing.assert_close(logits(plain), logits(load_model(src)), rtol=1e-5, atol=1e-5)
 
 
+def test_export_is_byte_identical_across_runs(packed_dirs, tmp_path):
+    a = export(str(packed_dirs["gptq-w3g32"]), tmp_path / "a")
+    b = export(str(packed_dirs["gptq-w3g32"]), tmp_path / "b")
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    with pytest.raises(BadInput, match="not empty"):
+        export(str(packed_dirs["gptq-w3g32"]), a)
+
+
 def test_plain_checkpoint_passes_through(tiny_model, tmp_path):
     dest = export(str(tiny_model), tmp_path / "plain")
     with safe_open(tiny_model / "model.safetensors", "pt") as a, safe_open(dest / "model.safetensors", "pt") as b:
