@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--kl-windows", type=int, default=0)
     ap.add_argument("--json", default=str(RESULTS), help="merge the results into this file")
+    ap.add_argument("--sizes-only", default="", help="recipes to pack and size without evaluating (e.g. rf8-eg, "
+                    "whose weights equal rf8's by construction)")
     args = ap.parse_args(argv)
 
     import torch
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {"runs": {}}
     results.setdefault("commands", []).append(" ".join(["benchmarks/ggd_sweep.py", *(argv or sys.argv[1:])]))
-    for recipe in [r for r in args.recipes.split(",") if r]:
+    sizes_only = {r for r in args.sizes_only.split(",") if r}
+    for recipe in [r for r in args.recipes.split(",") if r] + sorted(sizes_only):
         t0 = time.perf_counter()
         plan = pipeline.preflight(ModelRef(ref=args.model), recipe, calib_spec, eval_spec)
         if "fp32" not in results["runs"]:
@@ -116,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         _, packed = pipeline.compress_to_packed(store, plan, calib, stats)
         compress_s = time.perf_counter() - t1
         packed_path = store.materialize(packed)
-        m = pipeline.evaluate_path(packed_path, plan.model, eval_spec, recipe)
+        if recipe in sizes_only:
+            from squeezeflow.evaluation.size import size_report
+
+            m = {"recipe": recipe, "perplexity": None,
+                 **size_report(packed_path, pipeline.target_linears(Path(plan.model.path)))}
+        else:
+            m = pipeline.evaluate_path(packed_path, plan.model, eval_spec, recipe)
         m["method"] = plan.recipe.methods[0].model_dump(mode="json")
         m["compress_s"] = round(compress_s, 1)
         m["size_vs_bf16"] = round(m["size_bytes"] / results["runs"]["fp32"]["bf16_bytes"], 4)
@@ -148,8 +157,9 @@ def table(results: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in runs.items():
         eg = m.get("eg", {})
-        row = [name, *[f"{m['perplexity'][s]:.3f}" for s in splits],
-               *[f"{100 * (m['perplexity'][s] / base['perplexity'][s] - 1):+.2f}%" for s in splits],
+        ppl = m["perplexity"]
+        row = [name, *[f"{ppl[s]:.3f}" if ppl else "(not evaluated)" for s in splits],
+               *[f"{100 * (ppl[s] / base['perplexity'][s] - 1):+.2f}%" if ppl else "-" for s in splits],
                f"{m['bits_per_weight']:.3f}", f"{m['size_bytes'] / 2**20:.1f}",
                f"{m['size_bytes'] / base['bf16_bytes']:.3f}",
                f"{eg['eg_total_bits_per_code']:.3f}" if eg else "-", f"{eg['fixed_bits_per_code']:.3f}" if eg else "-",
