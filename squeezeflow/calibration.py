@@ -340,6 +340,19 @@ def tokenize_source(text: "TextSource", tokenizer) -> torch.Tensor:
     return _TOKEN_MEMO[key]
 
 
+def check_activation_memory(n: int, seqlen: int, hidden: int, available: int | None = None) -> int:
+    """Layer streaming holds the calibration windows' hidden states (fp32) twice at the peak, a block's
+    inputs and its outputs; refuse a calibration set whose activations cannot fit in physical memory
+    now, not hours later as an out-of-memory kill. Returns the bytes needed."""
+    need = 2 * n * seqlen * hidden * 4
+    available = available or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > available:
+        raise BadInput(f"calibration of {n} windows x {seqlen} tokens needs {need / 2**30:.1f} GiB of activations "
+                       f"(hidden size {hidden}, fp32, inputs and outputs of a block) but this machine has "
+                       f"{available / 2**30:.1f} GiB; lower --calib-samples or --seqlen")
+    return need
+
+
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
     """`n` windows of `seqlen` tokens at uniformly random start offsets -> LongTensor [n, seqlen].
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import BadInput, IntegrityError
+from .store import check_store
 
 DEMO_RECIPES = ("rtn-w4g64", "rtn-w3g64")
 # Sized so the first demo finishes in well under 15 minutes on 2 cores (see README).
@@ -77,6 +78,7 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
 
     for r in recipes:  # fail fast, before any server starts
         pipeline.preflight(model_ref, r, calib, evaluation)
+    check_store(store)
     registry_uri = _start_servers(registry, publish)
     from .flows.compress import Destinations, compress_flow
 
@@ -113,6 +115,7 @@ def cmd_sweep(args) -> int:
         raise BadInput("--recipes needs at least one recipe")
     for r in recipes:
         pipeline.preflight(model_ref, r, calib, evaluation)
+    check_store(args.store)
     registry_uri = _start_servers(args.registry, not args.no_publish)
     from .flows.compress import Destinations
     from .flows.sweep import sweep_flow
@@ -339,8 +342,17 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors follow the CLI's contract: one line on stderr, exit status 2 (subcommand parsers
+    inherit the class)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"squeezeflow: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="squeezeflow", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="squeezeflow", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -75,7 +75,7 @@ def target_linears(path: Path, trust_remote_code: bool = False) -> dict[str, tup
 
 
 def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec) -> Plan:
-    from .calibration import load_text
+    from .calibration import check_activation_memory, load_text
 
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     n_struct = structural_count(recipe)
@@ -90,6 +90,7 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     for what, seqlen in (("calibration", calibration.seqlen), ("evaluation", evaluation.seqlen)):
         if max_pos and seqlen > max_pos:
             raise BadInput(f"{what} seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
+    check_activation_memory(calibration.n_samples, calibration.seqlen, config.hidden_size)
     linears = target_linears(resolved.path, model.trust_remote_code)
     layers_left = config.num_hidden_layers
     for step in recipe.methods[:n_struct]:

@@ -286,6 +286,25 @@ def open_store(uri: str | None = None) -> ArtifactStore:
     return LocalStore(uri)
 
 
+def check_store(uri: str | None = None) -> None:
+    """Preflight: a local store must be a directory we can create and write (S3 stores are checked by
+    their first request). A BadInput now instead of a traceback after calibration."""
+    from .settings import store_uri
+
+    uri = uri or store_uri()
+    if "://" in uri:
+        open_store(uri)  # validates the scheme
+        return
+    root = Path(uri).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise BadInput(f"artifact store {uri!r} is not a writable directory ({e.strerror or e}); "
+                       "choose another --store or SQUEEZEFLOW_STORE") from None
+
+
 def iter_tree_files(store: ArtifactStore, ref: Ref) -> Iterator[tuple[str, bytes]]:
     for rel, fref in store.get_tree(ref).items():
         yield rel, store.get_bytes(fref)

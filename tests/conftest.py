@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from squeezeflow import settings
-from sf_testing import make_tiny_llama
+from sf_testing import COUNTS, make_tiny_llama
 
 os.environ.setdefault("SQUEEZEFLOW_MODELS", str(settings.models_dir()))
 os.environ.setdefault("SQUEEZEFLOW_CORPORA", str(settings.corpora_dir()))
@@ -44,3 +44,9 @@ def smollm_truncated(smollm_path: Path, tmp_path_factory) -> Path:
     from squeezeflow.models import truncate_model
 
     return truncate_model(smollm_path, tmp_path_factory.mktemp("smol") / "smollm2-3l", 3).path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The hardening tests' counts, e.g. "bad inputs: 40/40 rejected cleanly", shown even with -q."""
+    for label, (passed, total) in sorted(COUNTS.items()):
+        terminalreporter.write_line(f"{label}: {passed}/{total}")
