@@ -87,6 +87,9 @@ def decode(stream, symbols, offsets, n: int, chunk: int = CHUNK) -> np.ndarray:
         raise ValueError(f"exp-Golomb: {n} symbols in chunks of {chunk} need {n_chunks} offsets, got {offs.size}")
     raw = _as_numpy(stream).astype(np.uint8)
     total_bits = 8 * raw.size
+    if offs.min() < 0 or offs.max() > total_bits or np.any(np.diff(offs) < 0):  # untrusted file: check first
+        raise ValueError(f"exp-Golomb: sync offsets must be non-decreasing bit positions within the "
+                         f"{total_bits}-bit stream, got [{offs.min()}, {offs.max()}]")
     buf = np.concatenate([raw, np.zeros(5, np.uint8)]).astype(np.int64)   # a 40-bit read never runs off
     pos = offs.copy()
     out = np.zeros((n_chunks, chunk), dtype=np.int64)
