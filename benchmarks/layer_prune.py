@@ -31,7 +31,7 @@ def configured(name: str, args) -> pipeline.Recipe:
     methods = []
     for m in recipe.methods:
         if m.method == "trsp":
-            m = m.model_copy(update={"steps": args.steps, "windows": args.windows, "seqlen": args.seqlen,
+            m = m.model_copy(update={"steps": args.steps, "windows": args.windows, "seqlen": args.seqlen, "lr": args.lr,
                                      **({"stage2_steps": args.stage2_steps} if m.stage2_steps else {})})
         elif m.method == "sleb":
             m = m.model_copy(update={"windows": args.sleb_windows, "seqlen": args.sleb_seqlen})
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--chain", default="rtn-w4g64", help="weight method run after trsp-25 ('' = skip)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="TRSP gate steps per round")
+    ap.add_argument("--lr", type=float, default=0.1, help="TRSP gate learning rate (Adam)")
     ap.add_argument("--stage2-steps", type=int, default=8)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=128)

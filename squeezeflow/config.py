@@ -196,7 +196,7 @@ class TRSPConfig(LayerPruneConfig):
     lambda2: float = Field(1e-3, ge=0.0, description="Weight of the transfer penalty (stage 2)")
     iterative: bool = Field(True, description="Greedy rounds (one block per round); False = one-shot selection")
     steps: int = Field(8, ge=1, le=100_000, description="Gate-training steps per round (stage 1)")
-    lr: float = Field(1e-2, gt=0.0, le=10.0, description="Adam learning rate of the gates")
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="Adam learning rate of the gates (large: in 8 steps a gate must be able to reach 0)")
     stage2_steps: int = Field(8, ge=0, le=100_000, description="Transfer steps (0 = no stage 2)")
     stage2_lr: float = Field(2e-5, gt=0.0, le=1.0, description="AdamW learning rate of the block weights (stage 2)")
     stage2_kept_only: bool = Field(False, description="Stage 2 updates only the kept blocks (and embeddings/norm)")
