@@ -7,7 +7,9 @@ after a crash reuses every finished task. Results are serialized as JSON (never 
 """
 from __future__ import annotations
 
+import functools
 import os
+import signal
 from dataclasses import dataclass
 
 from prefect import task
@@ -50,6 +52,14 @@ def is_transient(task, task_run, state) -> bool:
     return isinstance(exc, (OSError, ConnectionError, TimeoutError))
 
 
+def fault_point(task_name: str) -> None:
+    """Fault injection for the crash tests: SQUEEZEFLOW_FAULT_KILL=<task name> makes the process SIGKILL
+    itself when that task has done its work (outputs written to the store, registry entry published) but
+    before Prefect records it complete: the worst moment for a `kill -9`. Unset in normal runs."""
+    if os.environ.get("SQUEEZEFLOW_FAULT_KILL") == task_name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def stage_task(stage: str, **overrides):
     options = dict(
         name=stage,
@@ -61,4 +71,14 @@ def stage_task(stage: str, **overrides):
         retry_condition_fn=is_transient,
     )
     options.update(overrides)
-    return task(**options)
+
+    def decorate(fn):
+        @functools.wraps(fn)  # keeps the signature and the source Prefect hashes into the cache key
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            fault_point(options["name"])
+            return out
+
+        return task(**options)(run)
+
+    return decorate
