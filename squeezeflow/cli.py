@@ -6,6 +6,7 @@ Prefect and S3 servers only when nothing else is configured (PREFECT_API_URL, SQ
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -433,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except IntegrityError as e:
         print(f"squeezeflow: integrity error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Store writes are atomic (temporary file, then rename), so nothing half-written is ever reused.
+        print(f"squeezeflow: error: no space left on the device holding {e.filename or 'the artifact store'}; "
+              "free space and rerun: finished stages are reused", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

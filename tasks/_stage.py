@@ -7,6 +7,7 @@ after a crash reuses every finished task. Results are serialized as JSON (never 
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -39,6 +40,8 @@ def is_transient(task, task_run, state) -> bool:
             exc = e
     if isinstance(exc, (BadInput, IntegrityError, ValueError, TypeError, KeyError)):
         return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False  # a full disk does not empty itself in seconds: fail now, resume after space is freed
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
