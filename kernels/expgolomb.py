@@ -87,6 +87,8 @@ def decode(stream, symbols, offsets, n: int, chunk: int = CHUNK) -> np.ndarray:
         raise ValueError(f"exp-Golomb: {n} symbols in chunks of {chunk} need {n_chunks} offsets, got {offs.size}")
     raw = _as_numpy(stream).astype(np.uint8)
     total_bits = 8 * raw.size
+    if offs.min() < 0 or offs.max() >= max(total_bits, 1) or (np.diff(offs) < 0).any():
+        raise ValueError(f"exp-Golomb offsets must increase inside the {total_bits}-bit stream")
     if offs.min() < 0 or offs.max() > total_bits or np.any(np.diff(offs) < 0):  # untrusted file: check first
         raise ValueError(f"exp-Golomb: sync offsets must be non-decreasing bit positions within the "
                          f"{total_bits}-bit stream, got [{offs.min()}, {offs.max()}]")

@@ -58,7 +58,9 @@ def test_bad_streams_raise():
     codes = np.arange(100) % 9
     stream, symbols, offsets = expgolomb.encode(codes, chunk=16)
     with pytest.raises(ValueError, match="too short"):
-        expgolomb.decode(stream[:-4], symbols, offsets, 100, chunk=16)
+        expgolomb.decode(stream[:-1], symbols, offsets, 100, chunk=16)
+    with pytest.raises(ValueError, match="offsets must increase"):
+        expgolomb.decode(stream, symbols, offsets[::-1].copy(), 100, chunk=16)
     with pytest.raises(ValueError, match="offsets"):
         expgolomb.decode(stream, symbols, offsets[:-1], 100, chunk=16)
     with pytest.raises(ValueError, match="rank table"):
