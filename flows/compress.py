@@ -51,7 +51,7 @@ def compress_recipe(store: str, plan: pipeline.Plan, calib, stats: dict, baselin
         blocks, packed = [], step.ref
     else:
         if wplan.transform:
-            m = transform(store, m, wplan.recipe, stats)
+            m = transform(store, m, wplan.recipe, stats, calib)
         if wplan.sequential:
             blocks = compress_sequential(store, m, wplan.recipe, calib, stats)
         else:  # layer-wise: one task per block, so a crash loses at most one block and a cluster can fan out
