@@ -14,12 +14,10 @@ W[o, i] = float(codes[o, i]) · scales[o], in float32. Cost: 8 + 16 / in bits pe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
-from .packed_linear import PackedLinear
+from .packed_linear import PackedLinear, ParameterlessFormat
 
 FORMAT_NAME = "fp8"
 E4M3_MAX = 448.0
@@ -43,7 +41,7 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch
     return (codes.to(torch.float32) * scales.to(torch.float32).unsqueeze(1)).to(dtype)
 
 
-class FP8Linear(PackedLinear):
+class FP8Linear(ParameterlessFormat, PackedLinear):
     """Linear layer with float8_e4m3fn weights and a per-row fp16 scale."""
 
     format_name = FORMAT_NAME
@@ -55,18 +53,6 @@ class FP8Linear(PackedLinear):
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float16, device=device))
         self._register_bias(bias, device)
-
-    @staticmethod
-    def check_params(params: Mapping[str, Any]) -> None:
-        unknown = set(params) - {"format"}
-        if unknown:
-            raise ValueError(f"format {FORMAT_NAME!r} takes no parameters; unknown {sorted(unknown)}")
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], in_features: int, out_features: int, bias: bool,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> FP8Linear:
-        cls.check_params(params)
-        return cls(in_features, out_features, bias, dtype, device)
 
     @staticmethod
     def pack_fields(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ cache) and implement ``dequantize``, ``check_params``, ``from_params`` and ``pac
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -103,3 +104,23 @@ class PackedLinear(nn.Module):
             return t.to(device=converted.device)
 
         return super()._apply(move_only, recurse)
+
+
+class ParameterlessFormat:
+    """Mixin for formats whose quantization_config entry carries no parameters (rf8, fp8): the layer's
+    shape alone determines the module."""
+
+    format_name: str
+
+    @classmethod
+    def check_params(cls, params: Mapping[str, Any]) -> None:
+        unknown = set(params) - {"format"}
+        if unknown:
+            raise ValueError(f"format {cls.format_name!r} takes no parameters; unknown {sorted(unknown)}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], in_features: int, out_features: int, bias: bool,
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        cls.check_params(params)
+        return cls(in_features, out_features, bias, dtype, device)
+

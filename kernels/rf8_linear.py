@@ -41,12 +41,10 @@ Cost: 8 + 8 / in bits per weight (8.014 at in = 576). Expected relative RMS erro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 
-from .packed_linear import PackedLinear
+from .packed_linear import PackedLinear, ParameterlessFormat
 
 FORMAT_NAME = "rf8"
 TOP_K = 13                # the largest e1 of a row sits at k = 13 (k = 14 only for the spare m = 127)
@@ -108,7 +106,7 @@ def decode(codes: torch.Tensor, exp_bias: torch.Tensor, dtype: torch.dtype = tor
     return w.to(dtype)
 
 
-class RF8Linear(PackedLinear):
+class RF8Linear(ParameterlessFormat, PackedLinear):
     """Linear layer whose weight is stored as RF8 codes (8 bits) plus an int8 exponent bias per row."""
 
     format_name = FORMAT_NAME
@@ -120,18 +118,6 @@ class RF8Linear(PackedLinear):
         self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
         self.register_buffer("exp_bias", torch.zeros(out_features, dtype=torch.int8, device=device))
         self._register_bias(bias, device)
-
-    @staticmethod
-    def check_params(params: Mapping[str, Any]) -> None:
-        unknown = set(params) - {"format"}
-        if unknown:
-            raise ValueError(f"format {FORMAT_NAME!r} takes no parameters; unknown {sorted(unknown)}")
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any], in_features: int, out_features: int, bias: bool,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> RF8Linear:
-        cls.check_params(params)
-        return cls(in_features, out_features, bias, dtype, device)
 
     @staticmethod
     def pack_fields(codes: torch.Tensor, exp_bias: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
