@@ -7,6 +7,10 @@ never touch a user's store or registry.
 from __future__ import annotations
 
 import os
+
+# Triton picks interpreter or compiler when a kernel is decorated, i.e. when the first module that defines
+# one is imported, which can be any test's import: choose for the whole session, before anything else.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import tempfile
 from pathlib import Path
 
