@@ -9,6 +9,7 @@ next one with an identical result (pipeline.restructure; one Prefect task per ro
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,11 +48,12 @@ class StructuralMethod(Method):
         return {"num_layers": num_layers, "selected": []}
 
     def run_round(self, src: Path, k: int, state: dict, ctx: RestructureContext) -> dict:
-        raise NotImplementedError
+        """One selection round (only methods whose `rounds` is above 0 define it: SLEB, TRSP)."""
+        raise TypeError(f"{self.name} runs in a single step (rounds = 0); the pipeline never calls run_round")
 
+    @abstractmethod
     def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
         """Write the pruned checkpoint to `dst`; returns the record for the manifest (removed layers...)."""
-        raise NotImplementedError
 
     # Structural methods compress no linear: the weight-method stages never call these.
     def compress_linear(self, name: str, weight: torch.Tensor, stats: dict[str, torch.Tensor]) -> CompressedLinear:
