@@ -286,7 +286,7 @@ class Recipe(Spec):
         return v
 
 
-_INT_PRESET = re.compile(r"(rtn|gptq)-w(\d+)(?:g(\d+|c))?(-act)?(-static)?")
+_INT_PRESET = re.compile(r"(rtn|gptq)-w(\d+)(?:g(\d+|c))?(-act)?(-static)?(-mse)?")
 _INT_CONFIGS = {"rtn": RTNConfig, "gptq": GPTQConfig}
 _GWQ_PRESET = re.compile(r"gwq-w(\d+)(?:g(\d+|c))?(-gptq)?(?:-(abs_grad|taylor|fisher|hessian|magnitude|random))?"
                          r"(?:-n(\d+))?(?:-o(\d+(?:\.\d+)?))?")
@@ -311,7 +311,7 @@ PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rt
 
 def preset(name: str) -> Recipe:
     """Named presets: `<rtn|gptq>-w<bits>g<group>` (e.g. rtn-w4g64, gptq-w3g64), `...gc` or no group for
-    per-channel, `gptq-...-act` for GPTQ with act-order and `gptq-...-static` for grids fitted up front; pruning `<nowag-p|wanda|magnitude>` with
+    per-channel, `gptq-...-act` for GPTQ with act-order and `gptq-...-static` for grids fitted up front, `gptq-...-mse` for a per-group clip search; pruning `<nowag-p|wanda|magnitude>` with
     `p<percent removed>` or `p<N>:<M>` (nowag-p50, wanda-p2:4); `nowag-vq<bits>[d<dim>]` (nowag-vq2 =
     2 bits, d = 6, K = 4096); `gwq-w<bits>g<group>[-gptq][-<score>][-n<grad windows>][-o<outlier %>]`
     (gwq-w3g64 = RTN base, |Σg| saliency on 8 windows, 1% fp16 outliers);
@@ -346,13 +346,15 @@ def preset(name: str) -> Recipe:
             return Recipe(name=name, methods=[BackSlashConfig(**kwargs)])
         except ValidationError as e:
             raise BadInput(f"recipe {name!r}: {one_line(e)}") from None
-    if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and (m.group(4) or m.group(5))):
+    if (m := _INT_PRESET.fullmatch(name)) and not (m.group(1) == "rtn" and (m.group(4) or m.group(5) or m.group(6))):
         method, bits, group = m.group(1), int(m.group(2)), m.group(3)
         kwargs = {"bits": bits, "group_size": None if group in (None, "c") else int(group)}
         if m.group(4):
             kwargs["act_order"] = True
         if m.group(5):
             kwargs["static_groups"] = True
+        if m.group(6):
+            kwargs["mse_clip"] = True
         return Recipe(name=name, methods=[_INT_CONFIGS[method](**kwargs)])
     try:
         if m := _GWQ_PRESET.fullmatch(name):
