@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from . import __version__
+from . import __version__, progress
 from .config import CalibrationSpec, EvalSpec, ModelRef, Recipe, load_recipe
 from .errors import BadInput
 from .methods import get_method
@@ -374,6 +374,7 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
                 lin.weight.copy_(w_hats[name])
             hidden = stream.forward_block(layer, hidden)
         blocks.append(ref)
+        progress.report("compress", len(blocks), stream.num_layers)
         hidden_ref = store.put_tensors({"hidden": torch.cat(hidden)}, kind="sequential-activations")
         previous = store.get_index(key)
         store.put_index(key, store.put_json({"blocks": [b.model_dump() for b in blocks],
@@ -606,8 +607,10 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
     metrics = {"recipe": recipe, "uri": None, "perplexity": {}, "kl": {}, "accuracy": {}, "speed": {},
                "protocol": {"evaluation": {}}}
     protocols = eval_protocol(model, spec)
+    total, done = sum(int(w.shape[0]) for w, _ in protocols.values()), 0
     for split, (windows, protocol) in protocols.items():
-        result = perplexity(net, windows)
+        result = perplexity(net, windows, on_windows=lambda n, base=done: progress.report("evaluate", base + n, total))
+        done += int(windows.shape[0])
         metrics["perplexity"][split] = round(result["perplexity"], 6)
         metrics["protocol"]["evaluation"][split] = protocol
     if spec.kl_windows and Path(path).resolve() != Path(model.path).resolve():
