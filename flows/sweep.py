@@ -12,10 +12,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, RecipeSpec
 from squeezeflow.evaluation import plots
 from squeezeflow.evaluation.comparison import comparison_files
 from squeezeflow.flows.compress import Destinations, compress_recipe, table_artifact_key
+from squeezeflow.flows.run_progress import flow_progress
 from squeezeflow.settings import store_uri as default_store_uri
 from squeezeflow.store import open_store
 from squeezeflow.tasks.calibrate import calibrate
@@ -26,12 +27,20 @@ from squeezeflow.tasks.saliency import saliency
 @flow(name="sweep", log_prints=True, persist_result=False)
 def sweep_flow(
     model: ModelRef = ModelRef(),
-    recipes: list[str] = ["rtn-w4g64", "rtn-w3g64", "gptq-w3g64"],  # noqa: B006 - Prefect copies parameters
+    recipes: list[RecipeSpec] = ["rtn-w4g64", "rtn-w3g64", "gptq-w3g64"],  # noqa: B006 - Prefect copies parameters
     calibration: CalibrationSpec = CalibrationSpec(),
     evaluation: EvalSpec = EvalSpec(),
     destinations: Destinations = Destinations(),
 ) -> dict:
-    """Compress `model` with every recipe in `recipes` and compare them against the fp32 baseline."""
+    """Compress `model` with every recipe in `recipes` and compare them against the fp32 baseline.
+
+    Args:
+        model: The model to compress: a prepared name, a local HF directory, a registry alias or s3:// URI.
+        recipes: Recipes to compare: presets from the list, other presets of the same families, or YAML paths.
+        calibration: Calibration text, shared by every recipe (one statistics pass for all of them).
+        evaluation: Held-out perplexity protocol, run on each packed model loaded back from its files.
+        destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
+    """
     logger = get_run_logger()
     plans = [pipeline.preflight(model, r, calibration, evaluation) for r in recipes]  # all valid, or none runs
     store = destinations.store or default_store_uri()
@@ -40,14 +49,20 @@ def sweep_flow(
     statistics = tuple(sorted({s for p in plans for s in p.statistics}))
     logger.info("sweep of %d recipes on %s; statistics %s", len(plans), m.name, statistics)
 
-    calib = calibrate(store, m, calibration)
-    stats = saliency(store, m, calib, statistics)
-    baseline = evaluate(store, m, None, evaluation, "fp32")
-    results = []
-    for plan in plans:
-        started = time.perf_counter()
-        artifact, entry = compress_recipe(store, plan, calib, stats, baseline, registry)
-        results.append(pipeline.summarize(open_store(store), artifact, entry, time.perf_counter() - started))
+    with flow_progress(table_artifact_key("sweep-progress", m.name), [p.recipe.name for p in plans],
+                       f"{m.name}: sweep progress") as run:
+        run.stage("calibrate")
+        calib = calibrate(store, m, calibration)
+        run.stage("saliency")
+        stats = saliency(store, m, calib, statistics)
+        run.stage("evaluate fp32")
+        baseline = evaluate(store, m, None, evaluation, "fp32")
+        results = []
+        for plan in plans:
+            started = time.perf_counter()
+            artifact, entry = compress_recipe(store, plan, calib, stats, baseline, registry, run)
+            results.append(pipeline.summarize(open_store(store), artifact, entry, time.perf_counter() - started))
+        run.done()
 
     metrics = [results[0]["results"][0]] + [r["results"][1] for r in results]
     errors = {r["results"][1]["recipe"]: pipeline.artifact_json(open_store(store), r["artifact"], "report/layer_errors.json")

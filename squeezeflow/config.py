@@ -24,13 +24,24 @@ class ModelRef(Spec):
     trust_remote_code: bool = Field(False, description="Run model code from the checkpoint (off unless you trust it)")
 
 
+# Named text splits `squeezeflow data prepare` writes (calibration.SPLITS; a unit test keeps them equal).
+NAMED_SPLITS = ("sotu-calib", "sotu-2000-2021", "moby-dick")
+
+# A calibration source as the Prefect UI form shows it: a dropdown of the named splits, or (second tab) any
+# local file, directory or s3:// prefix. At runtime both are plain strings: callers pass str as before.
+CalibrationSource = Union[
+    Annotated[Literal[NAMED_SPLITS], Field(title="Named split")],
+    Annotated[str, Field(title="File, directory or s3:// prefix", min_length=1)],
+]
+
+
 class CalibrationSpec(Spec):
     """Calibration windows: `n_samples` random windows of `seqlen` tokens drawn with `seed`."""
 
-    source: str = Field("sotu-calib", description="Named split, local .txt/.jsonl file or dir, or s3:// prefix")
-    n_samples: int = Field(128, ge=1, le=100_000)
-    seqlen: int = Field(512, ge=16)
-    seed: int = 0
+    source: CalibrationSource = Field("sotu-calib", description="Named split, local .txt/.jsonl file or dir, or s3:// prefix")
+    n_samples: int = Field(128, ge=1, le=100_000, description="Calibration windows drawn from the source")
+    seqlen: int = Field(512, ge=16, description="Tokens per calibration window")
+    seed: int = Field(0, description="Seed of the window sampling (same seed, same windows)")
 
 
 class EvalSpec(Spec):
@@ -307,6 +318,14 @@ PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rt
                    "quad-w4a4", "quad-w4a4a8", "quad-w4a4a8-peft", "quarot-w4a4", "quad-w4a4-r16",
                    "trsp-25", "trsp-25-no-iter", "shortgpt-25", "sleb-25", "lastlayers-25", "trsp-25+gwq-w4g64",
                    "rf8", "fp8-e4m3", "rtn-w4g64-eg", "rf8-eg", "backslash-l1000-w8gc-s20")
+
+# A recipe as flow parameters take it. The UI form offers PRESET_EXAMPLES in a dropdown (first tab) and a
+# free string (second tab) for any other preset of the families above or a recipe YAML path; at runtime
+# both are plain strings, and load_recipe() is what validates them.
+RecipeSpec = Union[
+    Annotated[Literal[PRESET_EXAMPLES], Field(title="Preset")],
+    Annotated[str, Field(title="Other preset or recipe YAML path", min_length=1)],
+]
 
 
 def preset(name: str) -> Recipe:
