@@ -73,9 +73,11 @@ def _specs(args):
         raise BadInput(one_line(e)) from None
 
 
-def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, store: str | None, publish: bool = True) -> list[dict]:
-    """Preflight every recipe, then run the flow once per recipe on the configured Prefect server."""
-    from . import pipeline
+def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, store: str | None, publish: bool = True,
+                 runner=None) -> list[dict]:
+    """Preflight every recipe, then run the flow once per recipe on the configured Prefect server;
+    `runner` (a runners.RunnerSpec, default: Prefect's thread pool) runs the per-block tasks."""
+    from . import pipeline, runners
 
     for r in recipes:  # fail fast, before any server starts
         pipeline.preflight(model_ref, r, calib, evaluation)
@@ -83,11 +85,12 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
     registry_uri = _start_servers(registry, publish)
     from .flows.compress import Destinations, compress_flow
 
+    flow = runners.with_runner(compress_flow, runner or runners.RunnerSpec())
     results = []
     for spec in recipes:
         started = time.perf_counter()
-        out = compress_flow(model=model_ref, recipe=spec, calibration=calib, evaluation=evaluation,
-                            destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish))
+        out = flow(model=model_ref, recipe=spec, calibration=calib, evaluation=evaluation,
+                   destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish))
         out["wall_s"] = round(time.perf_counter() - started, 2)
         results.append(out)
     return results
@@ -107,10 +110,11 @@ def _start_servers(registry: str | None, publish: bool) -> str | None:
 
 def cmd_sweep(args) -> int:
     """Many recipes, one flow run: shared calibration, statistics and baseline; a comparison table."""
-    from . import pipeline
+    from . import pipeline, runners
     from .evaluation.comparison import comparison_files
 
     model_ref, calib, evaluation = _specs(args)
+    runner = _runner_spec(args)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
         raise BadInput("--recipes needs at least one recipe")
@@ -121,9 +125,10 @@ def cmd_sweep(args) -> int:
     from .flows.compress import Destinations
     from .flows.sweep import sweep_flow
 
-    out = sweep_flow(model=model_ref, recipes=recipes, calibration=calib, evaluation=evaluation,
-                     destinations=Destinations(store=args.store or "", registry=registry_uri or "",
-                                               publish=not args.no_publish))
+    flow = runners.with_runner(sweep_flow, runner)
+    out = flow(model=model_ref, recipes=recipes, calibration=calib, evaluation=evaluation,
+               destinations=Destinations(store=args.store or "", registry=registry_uri or "",
+                                         publish=not args.no_publish))
     if args.json:
         _print_json({"results": out["results"]})
     else:
@@ -157,10 +162,12 @@ def cmd_compress(args) -> int:
     from .config import load_recipe
 
     model_ref, calib, evaluation = _specs(args)
+    runner = _runner_spec(args)
     recipes = [r.strip() for r in args.recipe.split(",") if r.strip()]
     for r in recipes:
         load_recipe(r)
-    results = run_compress(model_ref, recipes, calib, evaluation, args.registry, args.store, not args.no_publish)
+    results = run_compress(model_ref, recipes, calib, evaluation, args.registry, args.store, not args.no_publish,
+                           runner=runner)
     if args.json:
         _print_json({"results": _metrics_list(results)})
     else:
@@ -343,6 +350,20 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
 
 
+def _runner_flags(p: argparse.ArgumentParser) -> None:
+    # No argparse `choices` for --runner: runners.parse_runner gives the one-line error, also for API callers.
+    p.add_argument("--runner", help="where per-block tasks run: default (Prefect threads) or dask")
+    p.add_argument("--dask-address", help="tcp://host:port of a running Dask scheduler (default: a local cluster)")
+    p.add_argument("--dask-workers", type=int, help="local Dask cluster size (default: one per GPU, else 2)")
+
+
+def _runner_spec(args):
+    """--runner / --dask-address / --dask-workers, checked (scheduler reachable) before anything heavy."""
+    from .runners import parse_runner
+
+    return parse_runner(args.runner, args.dask_address, args.dask_workers)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors follow the CLI's contract: one line on stderr, exit status 2 (subcommand parsers
     inherit the class)."""
@@ -377,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--recipe", required=True, help="preset name(s), comma-separated, or a YAML file")
     comp.add_argument("--no-publish", action="store_true")
     _run_flags(comp)
+    _runner_flags(comp)
     comp.set_defaults(fn=cmd_compress)
 
     ev = sub.add_parser("eval", help="re-evaluate an artifact with the protocol in its manifest")
@@ -397,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--recipes", required=True, help="comma-separated presets or YAML files")
     sw.add_argument("--no-publish", action="store_true")
     _run_flags(sw)
+    _runner_flags(sw)
     sw.set_defaults(fn=cmd_sweep)
 
     reg = sub.add_parser("registry", help="list, show, pull, promote artifacts")
