@@ -2,15 +2,36 @@
 
 A process pool runs flow runs as subprocesses of `prefect worker start --pool <pool>` on the machine that
 holds this checkout; the deployment's code is pulled from the checkout (`from_source`), so the worker
-runs exactly the code that was deployed. infra/prefect.yaml describes the same deployment for
+runs exactly the code that was deployed. infra/prefect.yaml describes the same deployments for
 `prefect deploy`.
+
+Three deployments: `compress/compress` and `sweep/sweep` (run on demand, from the UI's form or the API),
+and `recalibrate-nightly/recalibrate-nightly` on a cron schedule (02:00 every night by default).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_POOL = "squeezeflow-process"
+DEFAULT_NIGHTLY_CRON = "0 2 * * *"
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    name: str          # deployment name; equal to the flow's name, so the UI shows compress/compress
+    entrypoint: str    # relative to the repository root
+    description: str
+
+
+COMPRESS = DeploymentSpec("compress", "flows/compress.py:compress_flow",
+                          "Compress one model with one recipe; cached stages, published to the S3 registry.")
+SWEEP = DeploymentSpec("sweep", "flows/sweep.py:sweep_flow",
+                       "Many recipes on one model in one run: shared calibration and statistics, one comparison table.")
+RECALIBRATE = DeploymentSpec("recalibrate-nightly", "flows/recalibrate.py:recalibrate_flow",
+                             "Nightly: recalibrate and recompress the registry's models on fresh calibration text.")
+ALL = (COMPRESS, SWEEP, RECALIBRATE)
 
 
 def ensure_process_pool(name: str = DEFAULT_POOL) -> None:
@@ -27,13 +48,48 @@ def ensure_process_pool(name: str = DEFAULT_POOL) -> None:
                 name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
 
 
-def deploy_compress(pool: str = DEFAULT_POOL, name: str = "compress", parameters: dict | None = None,
-                    cron: str | None = None) -> str:
-    """Create or update the `compress` deployment; returns its id."""
+def missing_entrypoint(spec: DeploymentSpec) -> str | None:
+    """Why `spec` cannot be deployed from this checkout (its file or function is missing), or None."""
+    path, func = spec.entrypoint.split(":")
+    file = REPO_ROOT / path
+    if not file.is_file():
+        return f"{path} does not exist in {REPO_ROOT}"
+    if f"def {func}(" not in file.read_text(encoding="utf-8"):
+        return f"{path} defines no {func}()"
+    return None
+
+
+def deploy(spec: DeploymentSpec, pool: str = DEFAULT_POOL, name: str | None = None,
+           parameters: dict | None = None, cron: str | None = None) -> str:
+    """Create or update one deployment on the process pool `pool` (created if missing); returns its id."""
     from prefect import flow
 
     ensure_process_pool(pool)
-    remote = flow.from_source(source=str(REPO_ROOT), entrypoint="flows/compress.py:compress_flow")
-    deployment_id = remote.deploy(name=name, work_pool_name=pool, parameters=parameters or {},
-                                  cron=cron, build=False, push=False, print_next_steps=False)
+    remote = flow.from_source(source=str(REPO_ROOT), entrypoint=spec.entrypoint)
+    deployment_id = remote.deploy(name=name or spec.name, work_pool_name=pool, parameters=parameters or {},
+                                  description=spec.description, cron=cron, build=False, push=False,
+                                  print_next_steps=False, ignore_warnings=True)
     return str(deployment_id)
+
+
+def deploy_compress(pool: str = DEFAULT_POOL, name: str = "compress", parameters: dict | None = None,
+                    cron: str | None = None) -> str:
+    """Create or update the `compress` deployment; returns its id."""
+    return deploy(COMPRESS, pool, name, parameters, cron)
+
+
+def deploy_all(pool: str = DEFAULT_POOL, cron: str | None = None,
+               nightly_cron: str = DEFAULT_NIGHTLY_CRON) -> dict[str, dict]:
+    """compress (on `cron` if given), sweep, and recalibrate-nightly on `nightly_cron`.
+
+    Returns {deployment name: {"id": ..., "schedule": ...}} or {"skipped": reason} for a deployment whose
+    flow is not in this checkout, so one missing flow does not stop the others being registered."""
+    schedules = {COMPRESS.name: cron, SWEEP.name: None, RECALIBRATE.name: nightly_cron}
+    out: dict[str, dict] = {}
+    for spec in ALL:
+        reason = missing_entrypoint(spec)
+        if reason:
+            out[spec.name] = {"skipped": reason}
+            continue
+        out[spec.name] = {"id": deploy(spec, pool, cron=schedules[spec.name]), "schedule": schedules[spec.name]}
+    return out
