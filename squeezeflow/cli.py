@@ -263,20 +263,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    """Register the compress flow as a deployment on a process work pool of the configured server."""
+    """Register compress, sweep and recalibrate-nightly (cron) as deployments on a process work pool of the
+    configured server. A flow missing from this checkout is skipped with its reason; the others deploy."""
     _quiet_prefect_env()
     from .services import ensure_prefect
 
     api = ensure_prefect()
-    from .flows.deployments import deploy_compress
+    from .flows.deployments import deploy_all
 
-    deployment_id = deploy_compress(pool=args.pool, cron=args.cron)
-    out = {"deployment_id": deployment_id, "pool": args.pool, "api_url": api}
+    deployments = deploy_all(pool=args.pool, cron=args.cron, nightly_cron=args.nightly_cron)
+    out = {"deployments": deployments, "pool": args.pool, "api_url": api,
+           "deployment_id": deployments["compress"].get("id")}  # the compress one, as before
     if args.json:
         _print_json(out)
     else:
-        print(f"deployment compress/compress ({deployment_id}) on pool {args.pool}; "
-              f"start a worker: prefect worker start --pool {args.pool} --type process")
+        for name, d in deployments.items():
+            if "skipped" in d:
+                print(f"deployment {name}/{name}: skipped ({d['skipped']})")
+            else:
+                when = f", schedule '{d['schedule']}'" if d["schedule"] else ""
+                print(f"deployment {name}/{name} ({d['id']}) on pool {args.pool}{when}")
+        print(f"start a worker: prefect worker start --pool {args.pool} --type process")
     return 0
 
 
@@ -409,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--speed", action="store_true", help="prefill/decode tokens/s against the base, as ratios")
     ev.set_defaults(fn=cmd_eval)
 
-    dep = sub.add_parser("deploy", help="register the compress flow as a Prefect deployment")
+    dep = sub.add_parser("deploy", help="register the compress, sweep and nightly recalibration flows as Prefect deployments")
     dep.add_argument("--pool", default="squeezeflow-process", help="process work pool (created if missing)")
-    dep.add_argument("--cron", help="optional schedule, e.g. '0 3 * * *'")
+    dep.add_argument("--cron", help="optional schedule of the compress deployment, e.g. '0 3 * * *'")
+    dep.add_argument("--nightly-cron", default=os.environ.get("SQUEEZEFLOW_NIGHTLY_CRON", "0 2 * * *"),
+                     help="schedule of recalibrate-nightly (default '0 2 * * *' or $SQUEEZEFLOW_NIGHTLY_CRON)")
     dep.set_defaults(fn=cmd_deploy)
 
     sw = sub.add_parser("sweep", help="many recipes on one model, one flow run, one comparison table")
