@@ -355,6 +355,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", help="s3://bucket/prefix (default: the embedded SeaweedFS server)")
     p.add_argument("--store", help="artifact store: local dir or s3://bucket/prefix")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (it is shown only when stderr is a terminal anyway)")
 
 
 def _runner_flags(p: argparse.ArgumentParser) -> None:
@@ -369,6 +371,18 @@ def _runner_spec(args):
     from .runners import parse_runner
 
     return parse_runner(args.runner, args.dask_address, args.dask_workers)
+
+
+def _progress_bar(args):
+    """The flows' progress as a bar on stderr for commands that run flows (those with --no-progress);
+    shown only when stderr is a terminal, so logs and pipes stay clean."""
+    import contextlib
+
+    from .progress import terminal_bar
+
+    if not hasattr(args, "no_progress"):
+        return contextlib.nullcontext()
+    return terminal_bar(sys.stderr, enabled=False if args.no_progress else None)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -460,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.json = want_json
     try:
-        return args.fn(args)
+        with _progress_bar(args):
+            return args.fn(args)
     except BadInput as e:
         print(f"squeezeflow: error: {e}", file=sys.stderr)
         return 2
