@@ -27,7 +27,7 @@ from .stats import StatsRef
 from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
 
 STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "transform": "1", "compress": "3", "pack": "2", "tune": "1",
-                  "evaluate": "4", "publish": "4"}
+                  "evaluate": "4", "publish": "5"}
 FORMAT_VERSION = 1
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
 # activation-weighted output error, which is the number that predicts perplexity damage.
@@ -648,6 +648,7 @@ def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, Stat
     """The publishable artifact: packed files + report/ + manifest.json (lineage, metrics, every file's
     sha256). Its id is a hash of its content, so identical runs give identical artifacts."""
     from .calibration import CalibrationSet
+    from .compatibility import compatibility
     from .evaluation.report import render
     from .registry import content_id
     from .store import sha256_file
@@ -674,6 +675,8 @@ def assemble(store: ArtifactStore, plan: Plan, calib: Ref, stats: dict[str, Stat
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "artifact"
         shutil.copytree(store.materialize(packed), out)
+        # In the lineage, so the content id covers it like everything else the manifest claims.
+        lineage["compatibility"] = compatibility(out)
         (out / "report").mkdir()
         (out / "report" / "metrics.json").write_bytes(canonical_json({"results": [base, m]}))
         (out / "report" / "layer_errors.json").write_bytes(canonical_json(layer_errors))

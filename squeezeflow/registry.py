@@ -3,11 +3,14 @@
 Layout under s3://BUCKET/PREFIX:
     models/<model>/<recipe>/<artifact_id>/...            one packed artifact directory per entry
     models/<model>/<recipe>/<artifact_id>/manifest.json  written LAST: an entry exists iff it does
-    aliases/<model>/<recipe>/<alias>.json                {"uri", "artifact_id", "updated", "history"}
+    aliases/<model>/<recipe>/<alias>.json                {"uri", "artifact_id", "updated", "seq", "previous",
+                                                          "history" (the last 20 moves)}
+    alias-history/<model>/<recipe>/<alias>/<seq>.json    one record per alias move, never rewritten
 
 Entries never change once their manifest is written. Aliases (`latest`, `production`, ...) move with
 conditional writes (If-Match on the ETag read, If-None-Match when absent), so two concurrent promotions
-both land, one after the other, and each alias keeps a short history of where it pointed.
+both land, one after the other. Every move gets a sequence number in the pointer, and the full history
+is an append-only log of create-only records (see `_move_alias` for why no move can go missing).
 
 Refs accepted everywhere: an entry's s3:// URI, "model/recipe/artifact_id", "model/recipe@alias", or
 "model/recipe" (meaning @latest).
@@ -188,8 +191,10 @@ class Registry:
         self._c = s3_client or client()
 
     # --- writing --------------------------------------------------------------------------------
-    def publish(self, local_dir: str | os.PathLike, model: str, recipe: str, artifact_id: str) -> Entry:
-        """Upload a verified artifact directory as a new immutable entry and point `latest` at it.
+    def publish(self, local_dir: str | os.PathLike, model: str, recipe: str, artifact_id: str,
+                alias: str | None = "latest") -> Entry:
+        """Upload a verified artifact directory as a new immutable entry and point `alias` at it
+        (`latest` by default; None moves nothing, e.g. for a candidate that still has to pass a gate).
 
         Files go first (each PUT carries its SHA256, so the server rejects a corrupted body), the
         manifest last. Re-publishing identical content uploads nothing; different content under an
@@ -197,6 +202,8 @@ class Registry:
         """
         for label, name in (("model", model), ("recipe", recipe), ("artifact id", artifact_id)):
             check_name(label, name)
+        if alias is not None:
+            check_name("alias", alias)
         local = Path(local_dir)
         for rel, meta in read_manifest(local)["files"].items():  # before hashing gigabytes
             if meta["size"] > MAX_PUT_BYTES:
@@ -219,7 +226,8 @@ class Registry:
                     self._put_file(entry, rel, local / rel, meta)
                 self._put_manifest(entry, manifest, manifest_bytes)
             # Also on a re-publish: it completes a publish that crashed between manifest and alias.
-            self._move_alias(entry, "latest")
+            if alias is not None:
+                self._move_alias(entry, alias)
         return entry
 
     def promote(self, uri_or_ref: str, alias: str) -> Entry:
@@ -231,6 +239,27 @@ class Registry:
         return entry
 
     # --- reading --------------------------------------------------------------------------------
+    def history(self, model: str, recipe: str, alias: str) -> list[dict[str, Any]]:
+        """Every move of `alias` of model/recipe, oldest first: {"seq", "uri", "artifact_id", "updated",
+        "previous"} (previous: where it pointed before, None for the first). [] if it never existed."""
+        for label, name in (("model", model), ("recipe", recipe), ("alias", alias)):
+            check_name(label, name)
+        prefix = self._history_key(model, recipe, alias, None)
+        with self._errors(f"read the history of {model}/{recipe}@{alias}"):
+            records = {}
+            for key, _ in self._keys(prefix):
+                data = self._get(key)
+                try:
+                    record = json.loads(data)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise IntegrityError(f"alias history record s3://{self.loc.bucket}/{key} is not valid JSON") from None
+                records[record["seq"]] = record
+            # The current position is logged by the move that leaves it (see _move_alias): add it here.
+            current = self._read_alias(model, recipe, alias)[0]
+            if current is not None and _seq(current) not in records:
+                records[_seq(current)] = _history_record(current)
+        return [records[k] for k in sorted(records)]
+
     def resolve(self, ref: str) -> str:
         """The s3:// URI of the (existing, complete) entry a ref names."""
         with self._errors(f"resolve {ref}"):
@@ -431,8 +460,18 @@ class Registry:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise IntegrityError(f"alias {alias!r} of {model}/{recipe} in {self.uri} is not valid JSON") from None
 
+    def _history_key(self, model: str, recipe: str, alias: str, seq: int | None) -> str:
+        folder = self.loc.key("alias-history", model, recipe, alias)
+        return folder + "/" if seq is None else f"{folder}/{seq:010d}.json"
+
     def _move_alias(self, entry: Entry, alias: str, attempts: int = 10) -> None:
-        """Read-modify-write with If-Match/If-None-Match; on a lost race re-read and try again."""
+        """Read-modify-write with If-Match/If-None-Match; on a lost race re-read and try again.
+
+        Alias history: the pointer carries the move's sequence number, and the position it is about to
+        leave is first logged as a create-only record (If-None-Match) under that number. Only the pointer's
+        conditional write decides who moved it, so records are never written for a move that lost its race;
+        a mover that crashes after its write leaves its position to be logged by the next move (history()
+        shows it meanwhile). The pointer stays the last write of a publish, and no move is ever lost."""
         from botocore.exceptions import ClientError
 
         key = self._alias_key(entry.model, entry.recipe, alias)
@@ -440,10 +479,14 @@ class Registry:
             current, etag = self._read_alias(entry.model, entry.recipe, alias)
             if current is not None and current.get("uri") == entry.uri:
                 return  # already there: no write, so a no-op re-publish changes nothing
+            if current is not None:
+                self._log_position(entry.model, entry.recipe, alias, current)
             now = datetime.now(timezone.utc).isoformat()
             history = ([{"uri": entry.uri, "artifact_id": entry.artifact_id, "updated": now}]
                        + (current or {}).get("history", []))[:ALIAS_HISTORY]
+            previous = None if current is None else {"uri": current.get("uri"), "artifact_id": current.get("artifact_id")}
             body = canonical_json({"uri": entry.uri, "artifact_id": entry.artifact_id, "updated": now,
+                                   "seq": 1 if current is None else _seq(current) + 1, "previous": previous,
                                    "history": history})
             cond = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
             try:
@@ -457,6 +500,26 @@ class Registry:
             time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
         raise RuntimeError(f"alias {alias!r} of {entry.model}/{entry.recipe} is contended: gave up after "
                            f"{attempts} conditional writes; try again")
+
+    def _log_position(self, model: str, recipe: str, alias: str, pointer: dict) -> None:
+        """Create the history record of the pointer's current position unless it exists. Concurrent
+        movers derive the same record from the same pointer, so whichever create lands is the right one."""
+        from botocore.exceptions import ClientError
+
+        data = canonical_json(_history_record(pointer))
+        key = self._history_key(model, recipe, alias, _seq(pointer))
+        for attempt in range(5):
+            try:
+                self._c.put_object(Bucket=self.loc.bucket, Key=key, Body=data, ContentType="application/json",
+                                   IfNoneMatch="*")
+                return
+            except ClientError as e:
+                if _code(e) in ("PreconditionFailed", "412"):
+                    return  # already logged
+                if _code(e) not in ("ConditionalRequestConflict", "409"):
+                    raise
+            time.sleep(random.uniform(0.02, 0.1) * (attempt + 1))
+        raise RuntimeError(f"cannot log the history of alias {alias!r} of {model}/{recipe}: contended; try again")
 
     def _aliases_of(self, model: str, recipe: str) -> dict[str, str]:
         """{alias: entry uri} for one model/recipe."""
@@ -590,6 +653,16 @@ def _sha256_stream(chunks: Iterator[bytes]) -> str:
     for c in chunks:
         h.update(c)
     return h.hexdigest()
+
+
+def _seq(pointer: dict) -> int:
+    """A pointer's move number; pointers written before alias history existed count as move 1."""
+    return int(pointer.get("seq") or 1)
+
+
+def _history_record(pointer: dict) -> dict[str, Any]:
+    return {"seq": _seq(pointer), "uri": pointer.get("uri"), "artifact_id": pointer.get("artifact_id"),
+            "updated": pointer.get("updated"), "previous": pointer.get("previous")}
 
 
 def _code(e: Exception) -> str:
