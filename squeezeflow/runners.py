@@ -99,7 +99,7 @@ def cuda_device_count() -> int:
 
 
 def _same_threads_env() -> dict[str, str]:
-    """The flow process's intra-op thread count for the workers. Dask's nanny would set OMP_NUM_THREADS=1;
+    """The flow process's intra-op thread count, for the workers. Dask's nanny would set OMP_NUM_THREADS=1;
     reductions (reconstruction errors stored in each block) sum in an order that depends on the thread
     count, so workers use the same count as the default runner and blocks stay byte-identical."""
     try:
@@ -121,15 +121,16 @@ def local_cluster_spec(workers: int | None = None, gpus: int | None = None) -> d
     """
     gpus = cuda_device_count() if gpus is None else gpus
     n = workers or gpus or DEFAULT_CPU_WORKERS
-    threads_env = _same_threads_env()
     spec = {}
     for i in range(n):
-        options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1", "env": dict(threads_env)}
+        env = _same_threads_env()
+        options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1"}
         if gpus:
             # Round-robin when asked for more workers than devices; each still reserves "its" GPU slot.
-            options["env"]["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
             options["resources"] = {GPU: 1}
-        spec[f"squeezeflow-{'gpu' if gpus else 'cpu'}-{i}"] = {"cls": "distributed.Nanny", "options": options}
+        spec[f"squeezeflow-{'gpu' if gpus else 'cpu'}-{i}"] = {
+            "cls": "squeezeflow.dask_nanny.PreSpawnNanny", "options": {**options, "pre_spawn_env": env}}
     return {"workers": spec, "name": "squeezeflow-local",
             "scheduler": {"cls": "distributed.Scheduler",
                           "options": {"host": "127.0.0.1", "dashboard": False, "dashboard_address": "127.0.0.1:0"}}}
