@@ -10,6 +10,8 @@ and `recalibrate-nightly/recalibrate-nightly` on a cron schedule (02:00 every ni
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,9 +68,11 @@ def deploy(spec: DeploymentSpec, pool: str = DEFAULT_POOL, name: str | None = No
 
     ensure_process_pool(pool)
     remote = flow.from_source(source=str(REPO_ROOT), entrypoint=spec.entrypoint)
-    deployment_id = remote.deploy(name=name or spec.name, work_pool_name=pool, parameters=parameters or {},
-                                  description=spec.description, cron=cron, build=False, push=False,
-                                  print_next_steps=False, ignore_warnings=True)
+    # Prefect prints a summary table on stdout; stdout belongs to `squeezeflow --json`.
+    with contextlib.redirect_stdout(sys.stderr):
+        deployment_id = remote.deploy(name=name or spec.name, work_pool_name=pool, parameters=parameters or {},
+                                      description=spec.description, cron=cron, build=False, push=False,
+                                      print_next_steps=False, ignore_warnings=True)
     return str(deployment_id)
 
 
