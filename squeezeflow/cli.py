@@ -295,6 +295,8 @@ def _registry(args):
 
 
 def cmd_registry(args) -> int:
+    if args.action != "list" and not args.ref:
+        raise BadInput(f"registry {args.action} needs a REF (s3:// entry URI, model/recipe@alias or model/recipe)")
     reg = _registry(args)
     if args.action == "list":
         entries = reg.list()
@@ -314,9 +316,48 @@ def cmd_registry(args) -> int:
     elif args.action == "promote":
         if not args.alias:
             raise BadInput("registry promote needs --alias NAME")
-        out = reg.promote(args.ref, args.alias)
-        _print_json(out if isinstance(out, dict) else {"uri": str(out)}) if args.json else print(out)
+        entry = reg.promote(args.ref, args.alias)
+        # The move just made (or, for a no-op promote, the one that put the alias there already).
+        moves = [h for h in reg.history(entry.model, entry.recipe, args.alias) if h["uri"] == entry.uri]
+        previous = (moves[-1].get("previous") or {}) if moves else {}
+        out = {"model": entry.model, "recipe": entry.recipe, "alias": args.alias, "uri": entry.uri,
+               "artifact_id": entry.artifact_id, "previous": previous.get("uri")}
+        if args.json:
+            _print_json(out)
+        else:
+            print(f"{entry.model}/{entry.recipe}@{args.alias} -> {entry.artifact_id} ({entry.uri})")
+            print(f"  was: {previous.get('artifact_id')} ({previous['uri']})" if previous.get("uri")
+                  else "  was: (new alias)")
+    elif args.action == "history":
+        model, recipe, alias = _alias_ref(reg, args.ref, args.alias)
+        records = reg.history(model, recipe, alias)
+        if args.json:
+            _print_json({"model": model, "recipe": recipe, "alias": alias, "history": records})
+        elif not records:
+            print(f"{model}/{recipe}@{alias}: never set")
+        else:
+            for h in records:
+                was = (h.get("previous") or {}).get("artifact_id") or "-"
+                print(f"{h['seq']:>4}  {h['updated']}  {h['artifact_id']}  (was {was})  {h['uri']}")
     return 0
+
+
+def _alias_ref(reg, ref: str, alias: str | None) -> tuple[str, str, str]:
+    """(model, recipe, alias) from `model/recipe[@alias]` or an entry ref, and --alias (default production)."""
+    from .registry import check_name
+
+    path, at, ref_alias = ref.partition("@")
+    if at and alias and alias != ref_alias:
+        raise BadInput(f"{ref!r} names alias {ref_alias!r} but --alias says {alias!r}; give one")
+    alias = alias or ref_alias or "production"
+    check_name("alias", alias)
+    if not path.startswith("s3://") and path.count("/") == 1:
+        model, recipe = path.split("/")
+        check_name("model", model)
+        check_name("recipe", recipe)
+        return model, recipe, alias
+    model, recipe = reg.resolve(path).rsplit("/", 3)[1:3]  # an entry: .../models/<model>/<recipe>/<id>
+    return model, recipe, alias
 
 
 def cmd_export(args) -> int:
@@ -445,11 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     _runner_flags(sw)
     sw.set_defaults(fn=cmd_sweep)
 
-    reg = sub.add_parser("registry", help="list, show, pull, promote artifacts")
-    reg.add_argument("action", choices=["list", "show", "pull", "promote"])
-    reg.add_argument("ref", nargs="?", help="s3:// entry URI or model/recipe@alias")
+    reg = sub.add_parser("registry", help="list, show, pull, promote artifacts; alias history")
+    reg.add_argument("action", choices=["list", "show", "pull", "promote", "history"])
+    reg.add_argument("ref", nargs="?", help="s3:// entry URI or model/recipe@alias (history: model/recipe)")
     reg.add_argument("--dest")
-    reg.add_argument("--alias")
+    reg.add_argument("--alias", help="promote: the alias to move; history: whose moves (default production)")
     reg.add_argument("--registry")
     reg.set_defaults(fn=cmd_registry)
 
