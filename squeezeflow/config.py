@@ -20,7 +20,8 @@ class ModelRef(Spec):
     """Which model to compress: a prepared short name (`smollm2-135m`), a local HF directory, a registry
     alias (`model/recipe@alias`) or an s3:// URI."""
 
-    ref: str = "smollm2-135m"
+    ref: str = Field("smollm2-135m", min_length=1, description="Prepared name (smollm2-135m), local HF directory, "
+                     "registry alias model/recipe@alias, or s3:// URI")
     trust_remote_code: bool = Field(False, description="Run model code from the checkpoint (off unless you trust it)")
 
 

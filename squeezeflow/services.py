@@ -309,6 +309,11 @@ def _start_prefect(timeout: float) -> dict:
         PREFECT_HOME=str(home),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        # The UI asks the browser to call the API at PREFECT_UI_API_URL, which otherwise defaults to port
+        # 4200 whatever port this server listens on: on another port the UI would show nothing, or the
+        # runs of whichever server holds 4200.
+        PREFECT_SERVER_UI_ENABLED="true",
+        PREFECT_UI_API_URL=f"http://127.0.0.1:{port}/api",
     )
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     state = _spawn("prefect", cmd, env, cwd=home, ports={"api": port})
