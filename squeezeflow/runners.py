@@ -166,23 +166,25 @@ def block_resources(worker_resources: Iterable[Mapping[str, float]]) -> dict[str
     return {GPU: 1} if any(float(r.get(GPU, 0)) >= 1 for r in worker_resources) else {}
 
 
-def _cluster_worker_resources(runner) -> list[Mapping[str, float]]:
+def annotations_for(runner) -> dict[str, float]:
+    """Resources block tasks ask of `runner`'s cluster; {} for the default runner or a CPU-only cluster."""
+    if runner is None or not type(runner).__module__.startswith("prefect_dask"):
+        return {}
     info = runner.client.scheduler_info(n_workers=-1)
-    return [w.get("resources") or {} for w in info.get("workers", {}).values()]
+    return block_resources(w.get("resources") or {} for w in info.get("workers", {}).values())
 
 
 @contextlib.contextmanager
-def block_annotations() -> Iterator[dict[str, float]]:
-    """Around the block fan-out: annotate the submitted tasks with the resources they need when the flow
-    runs on Dask (a no-op on the default runner). Yields the resources used, {} for none."""
-    from prefect.context import FlowRunContext
+def block_annotations(runner=None) -> Iterator[dict[str, float]]:
+    """Around the block fan-out: annotate the tasks submitted inside with the resources they need when
+    the flow runs on Dask (`runner`, default: the current flow run's task runner); a no-op otherwise.
+    Yields the resources used, {} for none."""
+    if runner is None:
+        from prefect.context import FlowRunContext
 
-    ctx = FlowRunContext.get()
-    runner = ctx.task_runner if ctx else None
-    if runner is None or not type(runner).__module__.startswith("prefect_dask"):
-        yield {}
-        return
-    resources = block_resources(_cluster_worker_resources(runner))
+        ctx = FlowRunContext.get()
+        runner = ctx.task_runner if ctx else None
+    resources = annotations_for(runner)
     if not resources:
         yield {}
         return
