@@ -120,3 +120,20 @@ def test_a_far_too_aggressive_candidate_is_refused_and_production_is_untouched(p
     assert gate["reason"].startswith(f"{failed[0]['criterion']} on {failed[0]['split']}")
     md = _markdown(d["flow_run_id"])
     assert "REJECTED" in md and "**no**" in md
+
+
+def test_bad_input_is_refused_before_any_work(production):
+    from squeezeflow.errors import BadInput
+    from squeezeflow.flows.recalibrate import prepare, production_entries
+    from squeezeflow.gate import FreshCalibration
+
+    reg = production["registry"]
+    [uri] = production_entries(reg, [])
+    fresh = FreshCalibration(source=str(production["fresh"]))
+    assert prepare(reg, uri, fresh, "").plan.recipe.name == RECIPE  # the valid case preflights
+    with pytest.raises(BadInput, match="recipe 'rtn-w99'"):
+        prepare(reg, uri, fresh, "rtn-w99")
+    with pytest.raises(BadInput, match="not found"):
+        prepare(reg, uri, FreshCalibration(source=str(production["tmp"] / "missing")), "")
+    with pytest.raises(BadInput, match="carries the 'production' alias"):
+        production_entries(Registry(reg.uri + "-empty"), [])
