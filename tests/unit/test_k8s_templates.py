@@ -33,12 +33,20 @@ def template() -> dict:
     return json.loads(TEMPLATE.read_text())
 
 
+class _NoAPI:
+    def __getattr__(self, name):
+        raise AssertionError(f"the template asked the Prefect API for {name}")
+
+
 def render(values: dict) -> dict:
     """The Job manifest the worker would submit for a flow run of a deployment with job variables `values`."""
     from prefect.client.schemas.objects import FlowRun
     from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
 
-    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template(), values))
+    # The template references no blocks or Prefect variables, so the resolver needs no API: a client that
+    # fails if touched keeps Prefect from starting a temporary server just to be asked nothing.
+    config = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(template(), values,
+                                                                                   client=_NoAPI()))
     config.prepare_for_flow_run(FlowRun(id=uuid.uuid4(), name="brisk-otter", flow_id=uuid.uuid4()))
     return config.job_manifest
 
