@@ -80,11 +80,16 @@ def test_custom_run_from_the_ui_form_completes_and_shows_its_artifacts(
     worker = ProcessWorker(pool, tmp_path / "worker.log", cwd=tmp_path, env=worker_env())
     run_id = None
     try:
+        # The deployment turns READY once the worker polls its pool: the page then shows a live deployment.
+        wait_for(lambda: httpx.get(f"{api}/deployments/{deployment_id}", timeout=30).json()["status"] == "READY",
+                 timeout=90, what="the worker to poll the deployment's pool")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=browser_exe, headless=True,
                                         args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(45_000)
+            # expect() waits 5 s by default; on 2 busy cores the run page (graph, logs) can take longer.
+            expect.set_options(timeout=45_000)
 
             # 1. The deployment's page.
             page.goto(f"{ui}/deployments/deployment/{deployment_id}", wait_until="networkidle")
@@ -132,12 +137,12 @@ def test_custom_run_from_the_ui_form_completes_and_shows_its_artifacts(
 
             # 4. The finished run, then its Artifacts tab.
             page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle")
-            expect(page.get_by_text("Completed").first).to_be_visible()
-            expect(page.get_by_text(run["name"]).first).to_be_visible()
+            expect(page.get_by_text("Completed", exact=True).filter(visible=True).first).to_be_visible()
+            expect(page.get_by_text(run["name"]).filter(visible=True).first).to_be_visible()
             shot(page, "04-flow-run-completed")
             page.get_by_role("tab", name="Artifacts").click()
             for key in (f"compress-{RECIPE}", f"compress-progress-{RECIPE}"):
-                expect(page.get_by_text(key).first).to_be_visible()
+                expect(page.get_by_text(key).filter(visible=True).first).to_be_visible()
             shot(page, "05-flow-run-artifacts")
             # The V2 UI shows a progress artifact's card but not its value: read that from the API.
             progress = httpx.post(f"{api}/artifacts/filter", timeout=30, json={"artifacts": {
