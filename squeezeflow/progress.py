@@ -166,6 +166,9 @@ class TerminalBar:
             filled = int(round(frac * self.width))
             self.stream.write(f"\r{label:<24.24} [{'#' * filled}{'.' * (self.width - filled)}] "
                               f"{done}/{total}  run {percent:5.1f}%")
+            if percent >= 100.0:  # the run is over: end the line before the command prints its results
+                self.stream.write("\n")
+                self._label = None
             self.stream.flush()
 
     def close(self) -> None:
