@@ -42,7 +42,7 @@ def real_h(path: Path, block: int, samples: int, seqlen: int) -> dict[str, torch
     windows = build_calibration_set("sotu-calib", tok, samples, seqlen, 0).windows
     stream = LayerStream(path)
     with torch.no_grad():
-        hidden = [stream.embed(w.unsqueeze(0)) for w in windows]
+        hidden = stream.embed(windows)
         for i in range(block + 1):
             with stream.block(i) as layer:
                 if i < block:

@@ -266,12 +266,13 @@ class LayerStream:
         return self.tensors(f"model.layers.{i}")
 
     # -- forward pieces ------------------------------------------------------------------------
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, windows) -> list[torch.Tensor]:
+        """Hidden states [1, T, d] for each window of token ids; the embedding matrix is read once
+        (reading it per window made it the largest transient of a statistics pass)."""
         emb = self._materialize(torch.nn.Embedding(*self.inner.embed_tokens.weight.shape, device="meta"),
                                 "model.embed_tokens")
-        out = emb(ids)
         # Some families scale embeddings inside embed_tokens' forward (Gemma); Llama does not.
-        return out
+        return [emb(w.reshape(1, -1)) for w in windows]
 
     def block_kwargs(self, hidden: torch.Tensor) -> dict:
         """Attention mask and rotary embeddings for a batch of full windows (no padding, no cache)."""

@@ -24,7 +24,7 @@ from .methods import get_method
 from .models import LayerStream, decoder_linears, load_config, load_tokenizer, resolve_model
 from .registry import check_name as check_registry_name
 from .stats import StatsRef
-from .store import ArtifactStore, Ref, canonical_json, canonical_safetensors, sha256_bytes
+from .store import ArtifactStore, Ref, canonical_json, sha256_bytes
 
 STAGE_VERSIONS = {"calibrate": "2", "saliency": "1", "transform": "1", "compress": "3", "pack": "2", "tune": "1",
                   "evaluate": "4", "publish": "5"}
@@ -76,7 +76,9 @@ def target_linears(path: Path, trust_remote_code: bool = False) -> dict[str, tup
 
 def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec) -> Plan:
     from .calibration import check_activation_memory, load_text
+    from .malloc import release_freed_memory
 
+    release_freed_memory()  # every run starts here: make the streamed stages' freed blocks leave RSS
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     n_struct = structural_count(recipe)
     resolved = resolve_model(model.ref)
@@ -356,7 +358,7 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
     else:
         blocks = []
         with torch.no_grad():
-            hidden = [stream.embed(w.unsqueeze(0)) for w in CalibrationSet.get(store, calib).windows]
+            hidden = stream.embed(CalibrationSet.get(store, calib).windows)
     for i in range(len(blocks), stream.num_layers):
         with torch.no_grad(), stream.block(i) as layer:
             linears = decoder_linears(layer)
@@ -402,34 +404,34 @@ def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor 
 
 
 def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Ref]) -> Ref:
-    """Bit-pack every compressed block into the kernel format and write an HF-loadable directory."""
-    from safetensors.torch import save
-
+    """Bit-pack every compressed block into the kernel format and write an HF-loadable directory.
+    Streamed: one block's tensors are in memory at a time (SafetensorsWriter spools them to disk)."""
     from .kernels.formats import packed_tensors
+    from .safetensors_stream import SafetensorsWriter
 
     src = Path(model.path)
     stream = LayerStream(src, model.trust_remote_code)
-    tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
-    for i, ref in enumerate(blocks):
-        data = store.get_tensors(ref)
-        layers = json.loads(store.get_tensors_metadata(ref)["layers"])
-        prefix = f"model.layers.{i}"
-        for name, info in layers.items():
-            fields = {k[len(name) + 1:]: v for k, v in data.items() if k.startswith(name + ".")}
-            for field, t in packed_tensors(info["format"], **fields, **info["params"]).items():
-                tensors[f"{prefix}.{name}.{field}"] = t
-            modules[f"{prefix}.{name}"] = {"format": info["format"], **info["params"]}
-        # Everything in the block that is not a compressed linear (norms) is copied as it is.
-        for k, v in stream.block_state(i).items():
-            if k.rsplit(".", 1)[0] not in layers:
-                tensors[f"{prefix}.{k}"] = v
-    for prefix in ("model.embed_tokens", "model.norm", "lm_head"):
-        for k, v in stream.tensors(prefix).items():
-            tensors[f"{prefix}.{k}"] = v
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        (out / "model.safetensors").write_bytes(canonical_safetensors(save(tensors, metadata={"format": "pt"})))
+        with SafetensorsWriter(out / "model.safetensors", metadata={"format": "pt"}) as writer:
+            for i, ref in enumerate(blocks):
+                data = store.get_tensors(ref)
+                layers = json.loads(store.get_tensors_metadata(ref)["layers"])
+                prefix = f"model.layers.{i}"
+                for name, info in layers.items():
+                    fields = {k[len(name) + 1:]: v for k, v in data.items() if k.startswith(name + ".")}
+                    for field, t in packed_tensors(info["format"], **fields, **info["params"]).items():
+                        writer.add(f"{prefix}.{name}.{field}", t)
+                    modules[f"{prefix}.{name}"] = {"format": info["format"], **info["params"]}
+                del data
+                # Everything in the block that is not a compressed linear (norms) is copied as it is.
+                for k, v in stream.block_state(i).items():
+                    if k.rsplit(".", 1)[0] not in layers:
+                        writer.add(f"{prefix}.{k}", v)
+            for prefix in ("model.embed_tokens", "model.norm", "lm_head"):
+                for k, v in stream.tensors(prefix).items():
+                    writer.add(f"{prefix}.{k}", v)
         config = json.loads((src / "config.json").read_text())
         config["quantization_config"] = {"quant_method": "squeezeflow", "format_version": FORMAT_VERSION,
                                          "recipe": recipe.name, "modules": modules}

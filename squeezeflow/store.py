@@ -94,7 +94,18 @@ class ArtifactStore:
         return self.put_bytes(canonical_safetensors(data), kind)
 
     def put_file(self, path: str | os.PathLike, kind: str) -> Ref:
-        return self.put_bytes(Path(path).read_bytes(), kind)
+        """Streamed: hashed and copied in chunks, never read whole (a packed model can be GBs)."""
+        sha = sha256_file(path)
+        if not self._has(sha):
+            self._write_file(sha, Path(path))
+        return Ref(uri=f"sfs://{sha}", sha256=sha, size=Path(path).stat().st_size, kind=kind)
+
+    def _write_file(self, sha: str, path: Path) -> None:
+        self._write(sha, path.read_bytes())   # backends that can stream override this
+
+    def _copy_out(self, ref: Ref, dest: Path) -> None:
+        """Write one object to `dest`, verified against its hash (backends that can stream override this)."""
+        dest.write_bytes(self.get_bytes(ref))
 
     def exists(self, ref: Ref) -> bool:
         return self._has(ref.sha256)
@@ -173,7 +184,7 @@ class ArtifactStore:
         for rel, fref in self.get_tree(ref).items():
             out = tmp / rel
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(self.get_bytes(fref))
+            self._copy_out(fref, out)
         done.unlink(missing_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -194,18 +205,38 @@ class LocalStore(ArtifactStore):
         return self._path(sha).is_file()
 
     def _write(self, sha: str, data: bytes) -> None:
+        self._write_atomic(sha, lambda f: f.write(data))
+
+    def _write_file(self, sha: str, path: Path) -> None:
+        def copy(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 22)
+        self._write_atomic(sha, copy)
+
+    def _write_atomic(self, sha: str, fill) -> None:
         path = self._path(sha)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic: readers see the whole object or none
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def _copy_out(self, ref: Ref, dest: Path) -> None:
+        if not self._has(ref.sha256):
+            raise IntegrityError(f"object {ref.sha256[:12]} ({ref.kind}) is missing from store {self.uri}")
+        h = hashlib.sha256()
+        with open(self._path(ref.sha256), "rb") as src, open(dest, "wb") as out:
+            while block := src.read(1 << 22):
+                h.update(block)
+                out.write(block)
+        if h.hexdigest() != ref.sha256:
+            raise IntegrityError(f"object {ref.sha256[:12]} ({ref.kind}) in store {self.uri} is corrupted")
 
     def _read(self, sha: str) -> bytes:
         return self._path(sha).read_bytes()
@@ -254,6 +285,13 @@ class S3Store(ArtifactStore):
             Bucket=self.loc.bucket, Key=self._key(sha), Body=data,
             ChecksumSHA256=base64.b64encode(bytes.fromhex(sha)).decode(),  # server rejects corrupted bodies
         )
+
+    def _write_file(self, sha: str, path: Path) -> None:
+        import base64
+
+        with open(path, "rb") as body:  # botocore streams a file body instead of reading it whole
+            self._client.put_object(Bucket=self.loc.bucket, Key=self._key(sha), Body=body,
+                                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha)).decode())
 
     def _read(self, sha: str) -> bytes:
         return self._client.get_object(Bucket=self.loc.bucket, Key=self._key(sha))["Body"].read()

@@ -79,7 +79,7 @@ def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref
     collectors = {name: COLLECTORS[name]() for name, _ in todo}
     blocks: dict[str, list[Ref]] = {name: [] for name, _ in todo}
     with torch.no_grad():
-        hidden = [stream.embed(w.unsqueeze(0)) for w in windows]
+        hidden = stream.embed(windows)
         for i in range(stream.num_layers):
             with stream.block(i) as layer:
                 with contextlib.ExitStack() as attached:

@@ -56,7 +56,7 @@ def collect_gradients(store: ArtifactStore, model_path: Path | str, model_finger
     stream = LayerStream(Path(model_path), trust_remote_code)
     stream.model.eval()  # no dropout: gradients must be deterministic
     with torch.no_grad():
-        hidden = [stream.embed(w.unsqueeze(0)) for w in windows]
+        hidden = stream.embed(windows)
         inputs: list[list[torch.Tensor]] = []
         for i in range(stream.num_layers):
             inputs.append(hidden)

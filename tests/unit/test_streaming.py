@@ -9,7 +9,7 @@ def test_streamed_forward_equals_full_model(tiny_model):
     ids = torch.randint(0, 49152, (3, 40), generator=torch.Generator().manual_seed(0))
     full = load_model(tiny_model)(input_ids=ids, use_cache=False).logits
     stream = LayerStream(tiny_model)
-    hidden = stream.run_blocks([stream.embed(w.unsqueeze(0)) for w in ids], batch_size=2)
+    hidden = stream.run_blocks(stream.embed(ids), batch_size=2)
     streamed = stream.head(torch.cat(hidden))
     assert torch.allclose(full, streamed, atol=1e-5, rtol=1e-5)
     # Blocks go back to the meta device: nothing of the model stays resident.
@@ -25,7 +25,7 @@ def test_hdiag_matches_explicit_inputs(tiny_model):
     model(input_ids=ids, use_cache=False)
     stream = LayerStream(tiny_model)
     col = HDiag()
-    hidden = [stream.embed(w.unsqueeze(0)) for w in ids]
+    hidden = stream.embed(ids)
     with stream.block(0) as layer, col.attach(layer):
         stream.forward_block(layer, hidden)
     h = col.result()["self_attn.q_proj"]
