@@ -239,6 +239,17 @@ def flow_run_pids(flow_run_id) -> list[int]:
     return sorted(pids)
 
 
+def stop_worker_and_runs(worker, run_ids) -> None:
+    """Stop the worker, then kill its flow runs' processes: they get their own session, so stopping the
+    worker does not reach them."""
+    if worker is not None:
+        worker.stop()
+    for run_id in [r for r in run_ids if r]:
+        for pid in flow_run_pids(run_id):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
 # --- running a flow outside pytest's process ------------------------------------------------------
 
 # Prefect 3.8.8 registers exit hooks in any process that ran a flow; a child forked from such a process

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from prefect_fixtures import (  # noqa: F401  (fixtures are used by name)
     ProcessWorker,
     create_process_pool,
     flow_run_pids,
+    stop_worker_and_runs,
     prefect_server,
     run_flow_in_child,
     read_flow_run,
@@ -241,10 +241,4 @@ def test_killed_run_resumes_from_cache_and_matches_uninterrupted_run(
             print(f"\n[resume] ---- worker log ({worker.log_path}) ----\n{worker.log()[-20000:]}")
         raise
     finally:
-        if worker is not None:
-            worker.stop()
-        # Flow-run processes get their own session, so stopping the worker does not reach them.
-        for run_id in flow_run_ids:
-            for pid in flow_run_pids(run_id):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+        stop_worker_and_runs(worker, flow_run_ids)

@@ -10,9 +10,6 @@ to the real SeaweedFS registry, and its progress artifact climbs to 100 %.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import time
 import uuid
 
@@ -21,7 +18,7 @@ import pytest
 
 from prefect_fixtures import (  # noqa: F401  (fixtures are used by name)
     ProcessWorker,
-    flow_run_pids,
+    stop_worker_and_runs,
     prefect_server,
     shared_inputs,
     tiny_llama,
@@ -104,7 +101,4 @@ def test_ui_rest_call_runs_compress_on_the_worker_and_publishes(s3_server, share
         print(f"\n[ops] ---- worker log ----\n{worker.log()[-20000:]}")
         raise
     finally:
-        worker.stop()
-        for pid in flow_run_pids(run_id) if run_id else []:  # flow runs get their own session
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        stop_worker_and_runs(worker, [run_id])

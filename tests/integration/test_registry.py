@@ -213,6 +213,10 @@ def test_concurrent_promotes_all_land(s3_server: dict, tmp_path: Path):
     history = [h["artifact_id"] for h in pointer["history"]]
     assert sorted(history) == ["e0", "e1", "e2", "e3"]  # every promotion is recorded exactly once
     assert pointer["artifact_id"] == history[0]
+    # The append-only alias history (registry history) also holds every move exactly once, numbered 1..n.
+    moves = setup.history(MODEL, RECIPE, "production")
+    assert [h["seq"] for h in moves] == [1, 2, 3, 4]
+    assert sorted(h["artifact_id"] for h in moves) == ["e0", "e1", "e2", "e3"]
 
 
 def test_pull_refuses_a_tampered_object(registry: Registry, tmp_path: Path):

@@ -10,10 +10,8 @@ downloads a browser). Skipped, saying so, only when no chromium executable is fo
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 
 from prefect_fixtures import (  # noqa: F401  (fixtures are used by name)
     ProcessWorker,
-    flow_run_pids,
+    stop_worker_and_runs,
     prefect_server,
     shared_inputs,
     tiny_llama,
@@ -153,7 +151,4 @@ def test_custom_run_from_the_ui_form_completes_and_shows_its_artifacts(
         print(f"\n[ui] ---- worker log ----\n{worker.log()[-20000:]}")
         raise
     finally:
-        worker.stop()
-        for pid in flow_run_pids(run_id) if run_id else []:  # flow runs get their own session
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        stop_worker_and_runs(worker, [run_id])
