@@ -11,9 +11,6 @@ import statistics
 import sys
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path; a sibling benchmarks/kernels.py would then shadow
-# the `kernels` package transformers imports. Drop it: these scripts import nothing from their folder.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def main(argv: list[str] | None = None) -> int:

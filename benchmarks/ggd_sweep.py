@@ -21,9 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path; a sibling benchmarks/kernels.py would then shadow
-# the `kernels` package transformers imports. Drop it: these scripts import nothing from their folder.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 RESULTS = Path(__file__).parent / "results" / "ggd_sweep.json"
 

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("gptq-w4g64", "gptq-w3g64", "wanda-p50", "sparsegpt-p50")
+CONFIGS = ("gptq-w4g64", "gptq-w3g64", "gptq-w4g64-act-mse", "gptq-w3g64-act-mse", "wanda-p50", "sparsegpt-p50")
 DAMP = 0.01          # our GPTQ default: damping as a fraction of mean diag(XᵀX)
 BLOCK_SIZE = 128     # our GPTQ default: columns per lazy-update block
 # Every Linear of the decoder blocks; lm_head (tied to the embedding) is left alone, as ours does.
@@ -58,16 +58,19 @@ def versions() -> dict:
 def build_modifier(config: str):
     """The llm-compressor modifier for one of CONFIGS, built explicitly (no preset scheme: W4A16's group
     of 128 does not divide SmolLM2's 576 inputs)."""
-    if m := re.fullmatch(r"gptq-w(\d)g(\d+)", config):
+    # -act-mse: their static activation ordering and MSE observer, the counterparts of our
+    # gptq-...-act-mse (act-order with grids fitted up front, per-group clip search).
+    if m := re.fullmatch(r"gptq-w(\d)g(\d+)(-act-mse)?", config):
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
         from llmcompressor.modifiers.gptq import GPTQModifier
 
+        actorder, observer = ("static", "memoryless_mse") if m.group(3) else (None, "memoryless_minmax")
         weights = QuantizationArgs(num_bits=int(m.group(1)), type="int", symmetric=False, strategy="group",
-                                   group_size=int(m.group(2)), actorder=None, observer="memoryless_minmax")
+                                   group_size=int(m.group(2)), actorder=actorder, observer=observer)
         scheme = QuantizationScheme(targets=TARGETS, weights=weights, input_activations=None,
                                     output_activations=None)
         return GPTQModifier(config_groups={"group_0": scheme}, ignore=IGNORE, block_size=BLOCK_SIZE,
-                            dampening_frac=DAMP, actorder=None)
+                            dampening_frac=DAMP, actorder=actorder)
     if m := re.fullmatch(r"(wanda|sparsegpt)-p(\d+)", config):
         sparsity = int(m.group(2)) / 100
         if m.group(1) == "wanda":

@@ -49,10 +49,11 @@ WORKER = Path(__file__).resolve().parent / "peer_llmcompressor_worker.py"
 LLMC_SPEC = "llmcompressor==0.14.0.1"
 TORCH_SPEC = "torch==2.13.0"
 OUR_RECIPES = ("gptq-w4g64", "gptq-w3g64", "wanda-p50", "nowag-p50")
-PEER_CONFIGS = ("gptq-w4g64", "gptq-w3g64", "wanda-p50", "sparsegpt-p50")
+PEER_CONFIGS = ("gptq-w4g64", "gptq-w3g64", "gptq-w4g64-act-mse", "gptq-w3g64-act-mse", "wanda-p50", "sparsegpt-p50")
 # Which peer run each of ours is compared with (same row group in the table).
-PAIRS = {"gptq-w4g64": "gptq-w4g64", "gptq-w3g64": "gptq-w3g64", "wanda-p50": "wanda-p50",
-         "nowag-p50": "sparsegpt-p50"}
+PAIRS = {"gptq-w4g64": "gptq-w4g64", "gptq-w3g64": "gptq-w3g64", "gptq-w4g64-act-mse": "gptq-w4g64-act-mse",
+         "gptq-w3g64-act-mse": "gptq-w3g64-act-mse", "wanda-p50": "wanda-p50", "nowag-p50": "sparsegpt-p50"}
+GPTQ_CONFIGS = ("gptq-w4g64", "gptq-w3g64", "gptq-w4g64-act-mse", "gptq-w3g64-act-mse")
 TARGET_RATIO = 1.02   # acceptance: our GPTQ perplexity within 2% of llm-compressor's
 TARGET_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.weight")
 
@@ -293,7 +294,7 @@ def verify_peer(src: Path, out: Path, config: str) -> dict:
     import torch
     from safetensors import safe_open
 
-    gptq = re.fullmatch(r"gptq-w(\d)g(\d+)", config)
+    gptq = re.fullmatch(r"gptq-w(\d)g(\d+)(?:-act-mse)?", config)
     report = {"targets": 0, "changed_fraction_min": 1.0, "rel_sq_err_mean": 0.0, "others_unchanged": True,
               "problems": []}
     with safe_open(src / "model.safetensors", "pt") as fs, safe_open(out / "model.safetensors", "pt") as fo:
@@ -383,7 +384,7 @@ def render_stages(runs: list[dict]) -> str:
 def ratios(runs: list[dict], splits: list[str]) -> list[dict]:
     by = {(r["side"], r["config"]): r for r in runs if r.get("ok", True) and r.get("metrics")}
     out = []
-    for cfg in ("gptq-w4g64", "gptq-w3g64"):
+    for cfg in GPTQ_CONFIGS:
         ours, theirs = by.get(("squeezeflow", cfg)), by.get(("llm-compressor", cfg))
         if not (ours and theirs):
             continue

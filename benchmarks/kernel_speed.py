@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Per-format linear-layer microbenchmarks and end-to-end decode speed, against dense in the same run.
 
-    .venv/bin/python benchmarks/kernels.py [--device auto|cpu|cuda] [--shapes real,4096x4096]
+    .venv/bin/python benchmarks/kernel_speed.py [--device auto|cpu|cuda] [--shapes real,4096x4096]
         [--batches 1,16,64] [--formats dense,intq-w4g64,...] [--no-e2e] [--threads N] [--json PATH]
 
 Each packed format is a random layer of that format (speed does not depend on the values) called
