@@ -6,11 +6,13 @@ never touch a user's store or registry.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 # Triton picks interpreter or compiler when a kernel is decorated, i.e. when the first module that defines
 # one is imported, which can be any test's import: choose for the whole session, before anything else.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from sf_testing import COUNTS, make_tiny_llama
 os.environ.setdefault("SQUEEZEFLOW_MODELS", str(settings.models_dir()))
 os.environ.setdefault("SQUEEZEFLOW_CORPORA", str(settings.corpora_dir()))
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="squeezeflow-tests-"))
+# A full run leaves ~4 GB of stores and scratch trees here; left behind, a few runs fill a disk.
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
 os.environ["SQUEEZEFLOW_STORE"] = str(_SESSION_TMP / "store")
 os.environ["SQUEEZEFLOW_SCRATCH"] = str(_SESSION_TMP / "scratch")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
