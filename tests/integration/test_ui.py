@@ -108,26 +108,23 @@ def test_custom_run_from_the_ui_form_completes_and_shows_its_artifacts(
             n_samples = page.get_by_label("N Samples (Optional)")
             assert (n_samples.get_attribute("min"), n_samples.get_attribute("max")) == ("1", "100000")
             n_samples.fill(str(CALIB_SAMPLES))
-            # On a loaded machine a late refetch of the deployment can re-seed the form with its defaults
-            # after our edits (seen once: the run got rtn-w4g64 / 4 windows). Let it settle; edit again if so.
-            for _ in range(3):
-                page.wait_for_timeout(2_000)
-                if preset.inner_text().strip() == RECIPE and n_samples.input_value() == str(CALIB_SAMPLES):
-                    break
-                preset.click()
-                page.get_by_role("option", name=RECIPE, exact=True).click()
-                n_samples.fill(str(CALIB_SAMPLES))
             expect(preset).to_have_text(RECIPE)
             expect(n_samples).to_have_value(str(CALIB_SAMPLES))
             shot(page, "03-run-form-filled")
+            # Other tests in this session deploy `compress/compress` on the same server (same deployment id) and
+            # leave their runs: the run this form creates is the one that was not there before Submit.
+            def runs_of_deployment():
+                r = httpx.post(f"{api}/flow_runs/filter", timeout=30,
+                               json={"flow_runs": {"deployment_id": {"any_": [str(deployment_id)]}}})
+                return r.json()
+
+            before = {r["id"] for r in runs_of_deployment()}
             page.get_by_role("button", name="Submit").click()
 
             # 3. The worker runs it.
             def created():
-                r = httpx.post(f"{api}/flow_runs/filter", timeout=30,
-                               json={"flow_runs": {"deployment_id": {"any_": [str(deployment_id)]}}})
-                runs = r.json()
-                return runs[0] if runs else None
+                new = [r for r in runs_of_deployment() if r["id"] not in before]
+                return new[0] if new else None
 
             run = wait_for(created, timeout=30, what="the flow run the form created")
             run_id = run["id"]
