@@ -86,14 +86,13 @@ def deploy_all(pool: str = DEFAULT_POOL, cron: str | None = None,
                nightly_cron: str = DEFAULT_NIGHTLY_CRON) -> dict[str, dict]:
     """compress (on `cron` if given), sweep, and recalibrate-nightly on `nightly_cron`.
 
-    Returns {deployment name: {"id": ..., "schedule": ...}} or {"skipped": reason} for a deployment whose
-    flow is not in this checkout, so one missing flow does not stop the others being registered."""
-    schedules = {COMPRESS.name: cron, SWEEP.name: None, RECALIBRATE.name: nightly_cron}
-    out: dict[str, dict] = {}
+    Returns {deployment name: {"id": ..., "schedule": ...}}. Every entrypoint is checked before any is
+    registered: a broken checkout gets one BadInput naming the missing flow, not a half-deployed set."""
+    from squeezeflow.errors import BadInput
+
     for spec in ALL:
-        reason = missing_entrypoint(spec)
-        if reason:
-            out[spec.name] = {"skipped": reason}
-            continue
-        out[spec.name] = {"id": deploy(spec, pool, cron=schedules[spec.name]), "schedule": schedules[spec.name]}
-    return out
+        if reason := missing_entrypoint(spec):
+            raise BadInput(f"cannot deploy {spec.name}: {reason}")
+    schedules = {COMPRESS.name: cron, SWEEP.name: None, RECALIBRATE.name: nightly_cron}
+    return {spec.name: {"id": deploy(spec, pool, cron=schedules[spec.name]), "schedule": schedules[spec.name]}
+            for spec in ALL}

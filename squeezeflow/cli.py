@@ -264,7 +264,7 @@ def cmd_eval(args) -> int:
 
 def cmd_deploy(args) -> int:
     """Register compress, sweep and recalibrate-nightly (cron) as deployments on a process work pool of the
-    configured server. A flow missing from this checkout is skipped with its reason; the others deploy."""
+    configured server."""
     _quiet_prefect_env()
     from .services import ensure_prefect
 
@@ -273,16 +273,13 @@ def cmd_deploy(args) -> int:
 
     deployments = deploy_all(pool=args.pool, cron=args.cron, nightly_cron=args.nightly_cron)
     out = {"deployments": deployments, "pool": args.pool, "api_url": api,
-           "deployment_id": deployments["compress"].get("id")}  # the compress one, as before
+           "deployment_id": deployments["compress"]["id"]}  # the compress one, as before
     if args.json:
         _print_json(out)
     else:
         for name, d in deployments.items():
-            if "skipped" in d:
-                print(f"deployment {name}/{name}: skipped ({d['skipped']})")
-            else:
-                when = f", schedule '{d['schedule']}'" if d["schedule"] else ""
-                print(f"deployment {name}/{name} ({d['id']}) on pool {args.pool}{when}")
+            when = f", schedule '{d['schedule']}'" if d["schedule"] else ""
+            print(f"deployment {name}/{name} ({d['id']}) on pool {args.pool}{when}")
         print(f"start a worker: prefect worker start --pool {args.pool} --type process")
     return 0
 
