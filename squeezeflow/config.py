@@ -98,6 +98,11 @@ class GPTQConfig(IntGridConfig):
     block_size: int = Field(128, ge=1, description="Columns per lazy-update block")
     sym: bool = Field(False, description="Symmetric grid (zero point fixed at 2^(bits-1))")
     mse_clip: bool = Field(False, description="Search a per-group clipping of the min/max range")
+    # Left out of dumps (and so of cache keys) while unset, so adding it kept every older key valid.
+    clip_norm: float | None = Field(None, ge=1.0, le=4.0, exclude_if=lambda v: v is None,
+                                    description="Exponent p of the clip search's error Σ|w - q|^p (mse_clip); "
+                                    "unset = 2 (squared error). The -mse presets use 2.4, as the GPTQ reference "
+                                    "code and llm-compressor's MSE observer do")
 
 
 class GWQConfig(IntGridConfig):
@@ -375,6 +380,8 @@ def preset(name: str) -> Recipe:
             kwargs["static_groups"] = True
         if m.group(6):
             kwargs["mse_clip"] = True
+            if method == "gptq":
+                kwargs["clip_norm"] = 2.4
         return Recipe(name=name, methods=[_INT_CONFIGS[method](**kwargs)])
     try:
         if m := _GWQ_PRESET.fullmatch(name):

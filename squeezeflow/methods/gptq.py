@@ -34,7 +34,8 @@ class GPTQ(Method):
         group = cfg.group_size or weight.shape[1]
         result = gptq_quantize(weight.float(), stats["xtx"], cfg.bits, group, damp=cfg.damp, act_order=cfg.act_order,
                                block_size=cfg.block_size, keep=self.keep_mask(name, weight, stats), sym=cfg.sym,
-                               mse_clip=cfg.mse_clip, static_groups=cfg.static_groups)
+                               mse_clip=cfg.mse_clip, clip_norm=cfg.clip_norm or 2.0,
+                               static_groups=cfg.static_groups)
         metrics = {k: v for k, v in result.stats.items() if k != "seconds"}  # timings would break determinism
         return CompressedLinear("intq", {"bits": cfg.bits, "group_size": group},
                                 {"codes": result.codes, "scales": result.scales, "zeros": result.zeros},

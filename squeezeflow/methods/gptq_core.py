@@ -19,7 +19,9 @@ reproduces Ŵ. When the grid is fitted:
   original order whatever the processing order;
 - group_size=None (or in_features): once per output row over the whole row, before any update.
 `sym=True` uses the symmetric grid (zero = 2^(b-1), scale = 2·max|w| / (2^b - 1)), and `mse_clip=True`
-shrinks the range by the factor in 1.00, 0.99, ..., 0.80 that minimises the group's squared error.
+shrinks the range by the factor in 1.00, 0.99, ..., 0.80 that minimises the group's Σ|w - q|^clip_norm:
+2 (squared error, the default here and QUAD's) or 2.4 (the GPTQ reference code's and llm-compressor's MSE
+observer, which weighs the large errors clipping creates more; GPTQConfig's default).
 
 Kept positions (`keep`: outliers stored separately at full precision, as GWQ and QUAD do) are
 excluded from their group's min/max, so one huge outlier does not stretch the grid; their codes are
@@ -66,7 +68,7 @@ class GPTQResult:
 
 
 def fit_grid(w: torch.Tensor, valid: torch.Tensor | None, bits: int, sym: bool = False,
-             mse_clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             mse_clip: bool = False, clip_norm: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (fp32 holding an fp16 value) and zero (fp32 integer) per row of w [rows, n], fitted on the
     positions where `valid` is true. Without a mask, sym and mse_clip it is exactly rtn's grid."""
     qmax = 2 ** bits - 1
@@ -85,7 +87,8 @@ def fit_grid(w: torch.Tensor, valid: torch.Tensor | None, bits: int, sym: bool =
     best_scale, best_zero = torch.empty_like(lo), torch.empty_like(lo)
     for p in _SHRINKS:
         scale, zero = _scale_zero(lo * p, hi * p, bits, sym)
-        err = (_fake_quant(w, scale[:, None], zero[:, None], qmax) - w).pow(2)
+        err = (_fake_quant(w, scale[:, None], zero[:, None], qmax) - w)
+        err = err.pow(2) if clip_norm == 2.0 else err.abs().pow(clip_norm)   # pow(2) keeps old bytes exactly
         err = (err if valid is None else err * valid).sum(-1)
         better = err < best_err   # strict: ties keep the wider range (p = 1 comes first)
         best_err = torch.where(better, err, best_err)
@@ -132,7 +135,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128, keep: torch.Tensor | None = None,
                   sym: bool = False, mse_clip: bool = False, keep_absorbs: bool = False,
-                  static_groups: bool = False) -> GPTQResult:
+                  static_groups: bool = False, clip_norm: float = 2.0) -> GPTQResult:
     """Quantize W [out, in] with GPTQ against H = XᵀX [in, in] (see the module docstring)."""
     t0 = time.perf_counter()
     out_f, in_f = W.shape
@@ -163,7 +166,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     n_groups = in_f // g
     static = g == in_f or act_order or static_groups
     if static:
-        s, z = fit_grid(W.reshape(-1, g), ~keep.reshape(-1, g), bits, sym, mse_clip)
+        s, z = fit_grid(W.reshape(-1, g), ~keep.reshape(-1, g), bits, sym, mse_clip, clip_norm)
         scales, zeros = s.reshape(out_f, n_groups), z.reshape(out_f, n_groups)
     else:
         scales = torch.empty(out_f, n_groups, device=dev)
@@ -191,7 +194,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % g == 0:
-                s, z = fit_grid(W1[:, i:i + g], ~keep_p[:, j:j + g], bits, sym, mse_clip)
+                s, z = fit_grid(W1[:, i:i + g], ~keep_p[:, j:j + g], bits, sym, mse_clip, clip_norm)
                 scales[:, j // g], zeros[:, j // g] = s, z
             w, d = W1[:, i], Hinv1[i, i]
             s, z = scales[:, group_of[j]], zeros[:, group_of[j]]

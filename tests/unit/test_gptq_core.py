@@ -180,6 +180,30 @@ def test_sym_and_mse_clip(layer):
         assert (errs[1] <= errs[0]).all() and errs[1].sum() < 0.97 * errs[0].sum()
 
 
+@pytest.mark.parametrize("norm", [2.0, 2.4])
+def test_clip_search_minimises_its_own_norm(layer, norm):
+    # Each group's chosen grid is the best of the candidate shrinks under Σ|w - q|^norm (checked by brute
+    # force), and the two norms choose differently on some groups (2.4 is not squared error renamed).
+    from squeezeflow.methods.gptq_core import _SHRINKS, _scale_zero
+    w = layer[0].reshape(-1, 64)
+
+    def err(s, z, p):
+        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, 7)
+        return ((q - z[:, None]) * s[:, None] - w).abs().pow(p).sum(-1)
+    s, z = fit_grid(w, None, 3, False, True, clip_norm=norm)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    best = torch.stack([err(*_scale_zero(lo * p, hi * p, 3, False), norm) for p in _SHRINKS]).amin(0)
+    assert torch.allclose(err(s, z, norm), best, rtol=1e-6)
+    other = fit_grid(w, None, 3, False, True, clip_norm=4.4 - norm)[0]
+    assert (other != s).any()
+
+
+def test_clip_norm_only_in_the_mse_presets_keys():
+    from squeezeflow.config import load_recipe
+    assert "clip_norm" not in load_recipe("gptq-w3g64-act").model_dump(mode="json")["methods"][0]
+    assert load_recipe("gptq-w3g64-act-mse").methods[0].clip_norm == 2.4
+
+
 def test_damping_retry_and_bad_inputs(layer):
     W, H = layer
     # An indefinite Hessian (one eigenvalue at -5% of the mean diagonal): 1% damping fails, 10% works.
