@@ -10,6 +10,8 @@ Stored fields of a module (safetensors ``<module>.<field>``):
 * ``bias`` float32 ``[out]``, only when the layer has a bias.
 
 W[o, i] = float(codes[o, i]) · scales[o], in float32. Cost: 8 + 16 / in bits per weight.
+`encode(w, scales)` takes scales fixed beforehand (the GPTQ encoder, recipe `fp8-e4m3-gptq`, fixes them
+from the original weights; error-updated weights beyond ±448 · scale saturate); same format either way.
 """
 
 from __future__ import annotations
@@ -23,15 +25,31 @@ FORMAT_NAME = "fp8"
 E4M3_MAX = 448.0
 
 
-def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes float8_e4m3fn [out, in], scales fp16 [out]) for a weight [out, in]; round to nearest even."""
+def _checked(w: torch.Tensor) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"fp8 encodes a 2-D weight [out, in], got shape {tuple(w.shape)}")
     x = w.detach().float()
     if not torch.isfinite(x).all():
         raise ValueError("fp8 cannot encode NaN or infinite weights")
+    return x
+
+
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """The encoder's default scale per row, fp16 [out]: the row's largest |w| / 448."""
     tiny = torch.finfo(torch.float16).tiny
-    scales = (x.abs().amax(1) / E4M3_MAX).clamp(min=tiny).half()
+    return (_checked(w).abs().amax(1) / E4M3_MAX).clamp(min=tiny).half()
+
+
+def encode(w: torch.Tensor, scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes float8_e4m3fn [out, in], scales fp16 [out]) for a weight [out, in]; round to nearest even.
+    Given `scales` [out] (rounded to fp16) are used as is, e.g. fixed from the original weights while
+    GPTQ updates them; weights beyond ±448 · scale then saturate."""
+    x = _checked(w)
+    if scales is None:
+        scales = row_scales(x)
+    elif tuple(scales.shape) != (x.shape[0],):
+        raise ValueError(f"fp8 scales must have shape ({x.shape[0]},), got {tuple(scales.shape)}")
+    scales = scales.to(x.device, torch.float16)
     # The fp16 rounding of the scale may push amax / scale a little past 448: clamp into range.
     q = (x / scales.float().unsqueeze(1)).clamp(-E4M3_MAX, E4M3_MAX)
     return q.to(torch.float8_e4m3fn), scales

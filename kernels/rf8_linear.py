@@ -18,10 +18,11 @@ No bit layout is published; ours (exactly 8 bits per weight, plus one int8 expon
                                r = 5..8: residual −2^(e1 − (r − 4))
 
 so |w| = 2^(bias + k) · (1 + t_r), t_r ∈ {0, +1/2, +1/4, +1/8, +1/16, −1/2, −1/4, −1/8, −1/16}. The encoder
-sets bias[row] = (largest e1 of the row) − 13, so the row's 14 top binades (k = 0..13) have all 9
-residual states; m = 127 (2^(bias+14)) decodes like the others but the encoder never emits it (the
-largest weights of a row keep their residual). Weights whose e1 falls below the bias round to the
-nearer of 0 and 2^bias (≤ 2^-13 of the row's largest weight, far under the format's own error).
+sets bias[row] = (largest e1 of the row) − 13 (`row_exp_bias`), so the row's 14 top binades (k = 0..13)
+have all 9 residual states; m = 127 (2^(bias+14)) decodes like the others but is emitted only for weights
+above the row's top binade, which a computed bias has only when clamped at 113 (|w| ≥ 2^126.5): the
+largest weights of a row keep their residual. Weights whose e1 falls below the bias round to the nearer
+of 0 and 2^bias (≤ 2^-13 of the row's largest weight, far under the format's own error).
 The semantics waste some codes: the residual states of neighbouring binades overlap
 (2^k·(1 − 1/2) = 2^(k−1), 2^k·(1 + 1/2) = 2^(k+1)·(1 − 1/4), ...), so the 126 codes m = 1..126 hold only
 100 distinct magnitudes, about 7 per binade {1, 1.0625, 1.125, 1.25, 1.5, 1.75, 1.875}, against e4m3's
@@ -29,6 +30,13 @@ The semantics waste some codes: the residual states of neighbouring binades over
 RMS on N(0, 0.02²)); its case is hardware (two shifts and an add per multiply), not accuracy.
 Every code decodes exactly in fp32 (a 5-bit significand times a power of two), as long as 2^bias is a
 normal fp32 number: the encoder keeps bias in [−126, 113].
+
+Encoder options: `encode(w)` rounds every weight on its own (recipe `rf8`); `encode(w, exp_bias)` uses
+biases fixed beforehand, which the GPTQ encoder (recipe `rf8-gptq`, methods/float8.py) needs: it fixes
+them from the original weights, then picks codes column by column while compensating each column's error
+on the next ones (gptq_core.gptq_elementwise). Updated weights may outgrow the top binade a little; they
+round to the nearer of 1.5·2^(bias+13) and the spare 2^(bias+14), and saturate there. Same format, same
+loader: only the choice of codes differs.
 
 Stored fields of a module (safetensors ``<module>.<field>``):
 
@@ -66,21 +74,45 @@ def magnitude_table() -> torch.Tensor:
 _MAG = magnitude_table()
 
 
-def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RF8 codes uint8 [out, in] and per-row exponent biases int8 [out] for a weight [out, in]."""
+def _checked(w: torch.Tensor) -> torch.Tensor:
     if w.dim() != 2:
         raise ValueError(f"rf8 encodes a 2-D weight [out, in], got shape {tuple(w.shape)}")
     x = w.detach().double()
     if not torch.isfinite(x).all():
         raise ValueError("rf8 cannot encode NaN or infinite weights")
+    return x
+
+
+def _leading_exponent(a: torch.Tensor) -> torch.Tensor:
+    """e1 = round(log2 a), −1e9 where a = 0 (log2 of zero is −inf; masked out by the callers)."""
+    nz = a > 0
+    return torch.where(nz, torch.round(torch.log2(torch.where(nz, a, 1.0))), torch.full_like(a, -1e9))
+
+
+def row_exp_bias(w: torch.Tensor) -> torch.Tensor:
+    """The encoder's default exponent bias per row, int8 [out]: (largest e1 of the row) − 13."""
+    top = _leading_exponent(_checked(w).abs()).amax(1)
+    top = torch.where(top < -1e8, torch.zeros_like(top), top)          # all-zero row
+    return (top - TOP_K).clamp(BIAS_MIN, BIAS_MAX).to(torch.int8)
+
+
+def encode(w: torch.Tensor, exp_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RF8 codes uint8 [out, in] and per-row exponent biases int8 [out] for a weight [out, in]. A given
+    `exp_bias` [out] is used as is (e.g. fixed from the original weights while GPTQ updates them); weights
+    above its top binade then saturate to the nearer of 1.5·2^(bias+13) and 2^(bias+14) (m = 127)."""
+    x = _checked(w)
+    if exp_bias is None:
+        exp_bias = row_exp_bias(x)
+    elif tuple(exp_bias.shape) != (x.shape[0],):
+        raise ValueError(f"rf8 exp_bias must have shape ({x.shape[0]},), got {tuple(exp_bias.shape)}")
+    bias = exp_bias.to(x.device, torch.float64)
+    if bias.numel() and (bias.min() < BIAS_MIN or bias.max() > BIAS_MAX):
+        raise ValueError(f"rf8 exp_bias must lie in [{BIAS_MIN}, {BIAS_MAX}]")
     a = x.abs()
     nz = a > 0
-    # log2 of zeros is −inf; give them a harmless value and mask them out below.
-    e1 = torch.where(nz, torch.round(torch.log2(torch.where(nz, a, 1.0))), torch.full_like(a, -1e9))
-    top = e1.amax(1)
-    top = torch.where(top < -1e8, torch.zeros_like(top), top)          # all-zero row
-    bias = (top - TOP_K).clamp(BIAS_MIN, BIAS_MAX)
-    e1 = torch.minimum(e1, (bias + TOP_K).unsqueeze(1))           # only reached when bias was clamped
+    e1 = _leading_exponent(a)
+    over = nz & (e1 > (bias + TOP_K).unsqueeze(1))   # a given bias, or one clamped at BIAS_MAX
+    e1 = torch.minimum(e1, (bias + TOP_K).unsqueeze(1))
     k = e1 - bias.unsqueeze(1)
     under = nz & (k < 0)
     res = a - torch.exp2(e1)
@@ -92,6 +124,10 @@ def encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m = 1 + 9 * k + r
     # Below the row's range: nearest of 0 and 2^bias.
     m = torch.where(under, torch.where(a > torch.exp2(bias - 1).unsqueeze(1), 1.0, 0.0), m)
+    # Above it (|w| ≥ 2^(bias+13.5)): the largest magnitudes are 1.5·2^(bias+13) (k = 13, r = 1) and the
+    # spare 2^(bias+14) (m = 127); the midpoint between them decides, larger weights saturate.
+    top = torch.where(a > 1.75 * torch.exp2(bias + TOP_K).unsqueeze(1), 127.0, 1.0 + 9 * TOP_K + 1)
+    m = torch.where(over, top, m)
     m = torch.where(nz, m, torch.zeros_like(m))
     codes = m.to(torch.int64) | ((x < 0).to(torch.int64) << 7)
     return codes.to(torch.uint8), bias.to(torch.int8)

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BadInput
 
@@ -243,15 +243,36 @@ class LastLayersConfig(LayerPruneConfig):
     method: Literal["lastlayers"] = "lastlayers"
 
 
-class RF8Config(Spec):
+class Float8Config(Spec):
+    """Encoder options shared by the 8-bit float formats. Unset fields are left out of dumps (and so of
+    cache keys): the plain rf8 / fp8-e4m3 recipes keep their keys."""
+
+    gptq: bool | None = Field(None, exclude_if=lambda v: v is None,
+                              description="Choose the codes GPTQ's way: column by column, each rounding error "
+                              "compensated on the later columns through XᵀX (sequential, like gptq); unset = "
+                              "round every weight on its own. Same packed format either way")
+    damp: float | None = Field(None, gt=0, le=1, exclude_if=lambda v: v is None,
+                               description="GPTQ dampening, as a fraction of mean diag(XᵀX); unset = 0.01")
+    act_order: bool | None = Field(None, exclude_if=lambda v: v is None,
+                                   description="GPTQ: process columns by decreasing XᵀX diagonal; unset = off")
+
+    @model_validator(mode="after")
+    def _gptq_options(self):
+        if not self.gptq and (self.damp is not None or self.act_order is not None):
+            raise ValueError("damp and act_order are options of the GPTQ encoder: set gptq: true too")
+        return self
+
+
+class RF8Config(Float8Config):
     """RF8: every weight as sign · (2^e1 + s2 · 2^e2) in exactly 8 bits, plus an int8 exponent bias per row
-    (kernels/rf8_linear.py); no statistics."""
+    (kernels/rf8_linear.py); no statistics unless gptq is set."""
 
     method: Literal["rf8"] = "rf8"
 
 
-class FP8Config(Spec):
-    """FP8 e4m3 (torch.float8_e4m3fn) weights with an fp16 scale per output row; no statistics."""
+class FP8Config(Float8Config):
+    """FP8 e4m3 (torch.float8_e4m3fn) weights with an fp16 scale per output row; no statistics unless gptq
+    is set."""
 
     method: Literal["fp8"] = "fp8"
 
@@ -313,7 +334,8 @@ _QUAD_PRESET = re.compile(r"(quad|quarot)-w(\d)a(4|6|8|16)(a8)?(?:-r(\d+))?(-pef
 _VQ_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
 _LAYER_PRESET = re.compile(r"(trsp|shortgpt|sleb|lastlayers)-(\d{1,2})((?:-no-iter|-no-stage2)*)")
 _LAYER_CONFIGS = {"trsp": TRSPConfig, "shortgpt": ShortGPTConfig, "sleb": SLEBConfig, "lastlayers": LastLayersConfig}
-_FLOAT8_PRESETS = {"rf8": RF8Config, "fp8-e4m3": FP8Config}
+_FLOAT8_PRESETS = {"rf8": RF8Config(), "fp8-e4m3": FP8Config(),
+                   "rf8-gptq": RF8Config(gptq=True), "fp8-e4m3-gptq": FP8Config(gptq=True)}
 _BACKSLASH_PRESET = re.compile(r"backslash-l(\d+(?:\.\d+)?(?:e\d+)?)-w(\d)(?:g(\d+|c))?(?:-s(\d+))?"
                                r"(?:-lr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
 # Subvector length by bits when a VQ preset does not name one: K = 4096 centroids (12-bit indices).
@@ -323,7 +345,7 @@ PRESET_EXAMPLES = ("rtn-w4g64", "rtn-w3g64", "gptq-w3g64", "gptq-w4g64-act", "rt
                    "nowag-p4:8", "wanda-p50", "wanda-p2:4", "magnitude-p50", "nowag-vq2", "nowag-vq3",
                    "quad-w4a4", "quad-w4a4a8", "quad-w4a4a8-peft", "quarot-w4a4", "quad-w4a4-r16",
                    "trsp-25", "trsp-25-no-iter", "shortgpt-25", "sleb-25", "lastlayers-25", "trsp-25+gwq-w4g64",
-                   "rf8", "fp8-e4m3", "rtn-w4g64-eg", "rf8-eg", "backslash-l1000-w8gc-s20")
+                   "rf8", "fp8-e4m3", "rf8-gptq", "fp8-e4m3-gptq", "rtn-w4g64-eg", "rf8-eg", "backslash-l1000-w8gc-s20")
 
 # A recipe as flow parameters take it. The UI form offers PRESET_EXAMPLES in a dropdown (first tab) and a
 # free string (second tab) for any other preset of the families above or a recipe YAML path; at runtime
@@ -345,7 +367,8 @@ def preset(name: str) -> Recipe:
     layer removal `<trsp|shortgpt|sleb|lastlayers>-<percent>` (trsp-25 = 7 of 30 blocks, rounded down;
     trsp ablations `-no-iter`, `-no-stage2`); chains joined by '+', structural first
     (`trsp-25+gwq-w4g64`: remove blocks, then quantize the shallower model);
-    8-bit floats `rf8` (residual floating point) and `fp8-e4m3` (per-row scale); `<rtn|gptq|rf8 preset>-eg`
+    8-bit floats `rf8` (residual floating point) and `fp8-e4m3` (per-row scale), `rf8-gptq` / `fp8-e4m3-gptq`
+    for the same formats with codes chosen by GPTQ's error compensation; `<rtn|gptq|rf8 preset>-eg`
     stores that preset's codes exp-Golomb coded (rtn-w4g64-eg, rf8-eg); BackSlash
     `backslash-l<λ>-w<bits>[g<group>|gc][-s<steps>][-lr<lr>]` (tune, then RTN + exp-Golomb; λ = 0: no tuning)."""
     if "+" in name:
@@ -354,7 +377,7 @@ def preset(name: str) -> Recipe:
             raise BadInput(f"recipe {name!r}: empty step in a '+' chain")
         return Recipe(name=name, methods=[m for part in parts for m in preset(part).methods])
     if name in _FLOAT8_PRESETS:
-        return Recipe(name=name, methods=[_FLOAT8_PRESETS[name]()])
+        return Recipe(name=name, methods=[_FLOAT8_PRESETS[name]])
     if name.endswith("-eg"):
         base = preset(name[:-3]).methods
         if len(base) != 1 or base[0].method not in ("rtn", "gptq", "rf8"):

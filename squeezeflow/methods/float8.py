@@ -1,31 +1,87 @@
-"""8-bit float weight formats as layer-wise methods, no statistics: RF8 (residual floating point,
-kernels/rf8_linear.py) and FP8 e4m3 with a per-row scale (kernels/fp8_linear.py), its baseline."""
+"""8-bit float weight formats: RF8 (residual floating point, kernels/rf8_linear.py) and FP8 e4m3 with a
+per-row scale (kernels/fp8_linear.py), its baseline.
+
+Two encoders per format, one packed format and loader:
+- default: every weight rounded on its own; layer-wise, no statistics;
+- `gptq: true` (recipes rf8-gptq, fp8-e4m3-gptq): the row's exponent bias / scale is fixed from the
+  original weight, then the codes are chosen column by column with GPTQ's error compensation against
+  XᵀX (gptq_core.gptq_elementwise). Sequential like GPTQ: XᵀX is collected on activations through the
+  already-compressed blocks.
+"""
 from __future__ import annotations
+
+import torch
 
 from ..config import FP8Config, RF8Config
 from ..kernels import fp8_linear, rf8_linear
 from .base import CompressedLinear, Method
+from .gptq_core import gptq_elementwise
 
 
-class RF8(Method):
+class Float8Method(Method):
+    """One 8-bit float format: `encode(w[, row])` and `decode(codes, row)` come from its kernel module,
+    `row_param` is the per-row field (exponent bias or scale) the default encoder would choose."""
+
+    kernel = None          # rf8_linear or fp8_linear
+    row_field: str = ""    # name of the per-row field in the packed format
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.gptq:   # XᵀX through the already-compressed blocks, as GPTQ
+            self.requires = ("xtx",)
+            self.layerwise = False
+
+    def row_param(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compress_linear(self, name, weight, stats):
+        if not self.config.gptq:
+            codes, row = self.kernel.encode(weight)
+            return CompressedLinear(self.kernel.FORMAT_NAME, {}, {"codes": codes, self.row_field: row})
+        row = self.row_param(weight)   # from the original weight: the loop's updates must not move it
+        codes, gptq_stats = self.gptq_codes(weight, stats["xtx"], row)
+        metrics = {f"gptq_{k}": v for k, v in gptq_stats.items() if k != "seconds"}  # timings are not deterministic
+        return CompressedLinear(self.kernel.FORMAT_NAME, {}, {"codes": codes, self.row_field: row}, metrics=metrics)
+
+    def gptq_codes(self, weight: torch.Tensor, xtx: torch.Tensor, row: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(codes, GPTQ stats) from GPTQ with a column quantizer that encodes against the fixed `row`. The
+        codes are the ones chosen in the loop: re-encoding Ŵ gives the same values, but not always the same
+        bytes, since RF8 holds some values under two codes (1.5·2^k = 2^(k+1)·(1 − 1/4))."""
+        chosen: dict[int, torch.Tensor] = {}
+
+        def quantize_column(w: torch.Tensor, j: int) -> torch.Tensor:
+            c, _ = self.kernel.encode(w[:, None], row)
+            chosen[j] = c
+            return self.kernel.decode(c, row)[:, 0]
+
+        cfg = self.config
+        w_hat, stats = gptq_elementwise(weight.float(), xtx, quantize_column,
+                                        damp=0.01 if cfg.damp is None else cfg.damp, act_order=bool(cfg.act_order))
+        codes = torch.cat([chosen[j] for j in range(weight.shape[1])], dim=1)   # original column order
+        # Every code must compute exactly the weight the compensation assumed.
+        if not torch.equal(self.kernel.decode(codes, row), w_hat):
+            raise AssertionError(f"{self.name} GPTQ: the codes do not decode to the compensated weights")
+        return codes, stats
+
+    def dequantize(self, c):
+        return self.kernel.decode(c.tensors["codes"], c.tensors[self.row_field])
+
+
+class RF8(Float8Method):
     name = "rf8"
     config: RF8Config
+    kernel = rf8_linear
+    row_field = "exp_bias"
 
-    def compress_linear(self, name, weight, stats):
-        codes, exp_bias = rf8_linear.encode(weight)
-        return CompressedLinear("rf8", {}, {"codes": codes, "exp_bias": exp_bias})
-
-    def dequantize(self, c):
-        return rf8_linear.decode(c.tensors["codes"], c.tensors["exp_bias"])
+    def row_param(self, w):
+        return rf8_linear.row_exp_bias(w)
 
 
-class FP8(Method):
+class FP8(Float8Method):
     name = "fp8"
     config: FP8Config
+    kernel = fp8_linear
+    row_field = "scales"
 
-    def compress_linear(self, name, weight, stats):
-        codes, scales = fp8_linear.encode(weight)
-        return CompressedLinear("fp8", {}, {"codes": codes, "scales": scales})
-
-    def dequantize(self, c):
-        return fp8_linear.decode(c.tensors["codes"], c.tensors["scales"])
+    def row_param(self, w):
+        return fp8_linear.row_scales(w)

@@ -37,6 +37,10 @@ valid but meaningless, and Ŵ holds the value to store for them. Two ways to tre
 Dead inputs (H_jj = 0: the input is always zero) get H_jj = 1 and weight 0, which the grid holds
 exactly (a kept position there keeps its value).
 
+Any element-wise format (`gptq_elementwise`): the same loop with a caller's column quantizer in place of
+the grid, e.g. RF8 or FP8 e4m3 against a per-row exponent or scale fixed from the original weights
+(methods/float8.py). The quantizer must be fixed up front: nothing is fitted inside the loop.
+
 Numerics: damping `damp · mean(diag H)` is added to the diagonal (multiplied by 10, up to 4 times,
 while the Cholesky factorization fails; damp=0 retries from 1e-4). The factorization runs in fp64,
 the column loop in fp32.
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -132,6 +137,52 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float
                        f"mean(diag H) (tried {', '.join(f'{d:g}' for d in tried)})")
 
 
+def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    in_f = W.shape[1]
+    if H.shape != (in_f, in_f):
+        raise BadInput(f"Hessian shape {tuple(H.shape)} does not match the weight's {in_f} inputs")
+    if not (torch.isfinite(H).all() and torch.isfinite(W).all()):
+        raise RuntimeError("GPTQ: the weight or the Hessian holds NaN or inf (overflowing statistics?)")
+
+
+def _dead_inputs(H: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp64 copy of H with H_jj = 1 where the input is always zero, that dead mask). Their weights
+    multiply nothing; the unit diagonal keeps H invertible without coupling them to other columns."""
+    H = H.to(device, torch.float64).clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    return H, dead
+
+
+def _act_order(H: torch.Tensor) -> torch.Tensor:
+    """Largest diag(H) first: the most sensitive inputs are quantized before errors pile up."""
+    return torch.argsort(H.diagonal(), descending=True, stable=True)
+
+
+def _compensated_columns(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
+                         quantize: Callable[[torch.Tensor, int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's lazy-batch column loop over W [out, n] (processing order; updated in place) with Hinv the
+    upper Cholesky factor of H⁻¹. `quantize(W1, i, j)` returns the value column j (= i-th of the current
+    block) ends with, given the block's current weights W1 [out, block] (so a grid can be fitted on the
+    columns ahead of it). Returns (those values [out, n], Σ_j err_j² per row: the proxy loss)."""
+    out_f, n = W.shape
+    Q = torch.empty_like(W)
+    losses = torch.zeros(out_f, device=W.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            q = quantize(W1, i, i1 + i)
+            Q[:, i1 + i] = q
+            err = (W1[:, i] - q) / Hinv1[i, i]
+            losses += err.pow(2)
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)   # the block's errors, onto the columns after it
+    return Q, losses
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None, damp: float = 0.01,
                   act_order: bool = False, block_size: int = 128, keep: torch.Tensor | None = None,
                   sym: bool = False, mse_clip: bool = False, keep_absorbs: bool = False,
@@ -141,23 +192,18 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     out_f, in_f = W.shape
     if not 2 <= bits <= 8:
         raise BadInput(f"bits must be between 2 and 8, got {bits}")
-    if H.shape != (in_f, in_f):
-        raise BadInput(f"Hessian shape {tuple(H.shape)} does not match the weight's {in_f} inputs")
     g = group_size or in_f
     if in_f % g:
         raise BadInput(f"group size {g} does not divide in_features {in_f}")
     if keep is not None and keep.shape != W.shape:
         raise BadInput(f"keep mask shape {tuple(keep.shape)} does not match the weight's {tuple(W.shape)}")
-    if not (torch.isfinite(H).all() and torch.isfinite(W).all()):
-        raise RuntimeError("GPTQ: the weight or the Hessian holds NaN or inf (overflowing statistics?)")
+    _check_inputs(W, H)
     qmax = 2 ** bits - 1
     dev = W.device
     W_orig = W.float()
     keep = torch.zeros(out_f, in_f, dtype=torch.bool, device=dev) if keep is None else keep.to(dev, torch.bool)
 
-    H = H.to(dev, torch.float64).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    H, dead = _dead_inputs(H, dev)
     W = W_orig.clone()
     W[:, dead] = torch.where(keep[:, dead], W[:, dead], 0.0)   # kept values stay exact even there
 
@@ -173,8 +219,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
         zeros = torch.empty(out_f, n_groups, device=dev)
 
     perm = None
-    if act_order:   # largest diag(H) first: the most sensitive inputs are quantized before errors pile up
-        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+    if act_order:
+        perm = _act_order(H)
         W, H, keep_p, W_ref = W[:, perm], H[perm][:, perm], keep[:, perm], W_orig[:, perm]
         group_of = (perm // g).tolist()
     else:
@@ -183,32 +229,46 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     Hinv, damp_used = _inverse_cholesky(H, damp)
 
     codes = torch.empty(out_f, in_f, device=dev)
-    Q = torch.empty(out_f, in_f, device=dev)   # the value each position ends with (processing order)
-    losses = torch.zeros(out_f, device=dev)
+
+    def quantize(W1: torch.Tensor, i: int, j: int) -> torch.Tensor:
+        if not static and j % g == 0:
+            s, z = fit_grid(W1[:, i:i + g], ~keep_p[:, j:j + g], bits, sym, mse_clip, clip_norm)
+            scales[:, j // g], zeros[:, j // g] = s, z
+        w = W1[:, i]
+        s, z = scales[:, group_of[j]], zeros[:, group_of[j]]
+        codes[:, j] = c = _codes(w, s, z, qmax)
+        return torch.where(keep_p[:, j], w if keep_absorbs else W_ref[:, j], (c - z) * s)
+
     if not static:   # a group must not straddle two lazy blocks, or its "current" weights would be stale
         block_size = -(-block_size // g) * g
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not static and j % g == 0:
-                s, z = fit_grid(W1[:, i:i + g], ~keep_p[:, j:j + g], bits, sym, mse_clip, clip_norm)
-                scales[:, j // g], zeros[:, j // g] = s, z
-            w, d = W1[:, i], Hinv1[i, i]
-            s, z = scales[:, group_of[j]], zeros[:, group_of[j]]
-            c = _codes(w, s, z, qmax)
-            q = torch.where(keep_p[:, j], w if keep_absorbs else W_ref[:, j], (c - z) * s)
-            codes[:, j], Q[:, j] = c, q
-            err = (w - q) / d
-            losses += err.pow(2)
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)   # the block's errors, onto the columns after it
+    Q, losses = _compensated_columns(W, Hinv, block_size, quantize)
 
     if perm is not None:
         inv = torch.argsort(perm)
         codes, Q = codes[:, inv], Q[:, inv]
     stats = {"seconds": time.perf_counter() - t0, "damp": damp_used, "proxy_loss": float(losses.sum())}
     return GPTQResult(codes.to(torch.uint8), scales.half(), zeros.half(), Q, perm, stats)
+
+
+def gptq_elementwise(W: torch.Tensor, H: torch.Tensor,
+                     quantize_column: Callable[[torch.Tensor, int], torch.Tensor], damp: float = 0.01,
+                     block_size: int = 128, act_order: bool = False) -> tuple[torch.Tensor, dict]:
+    """GPTQ on W [out, in] against H = XᵀX with any element-wise quantizer in place of the integer grid:
+    `quantize_column(w [out] fp32, j) -> [out]` gives the representable values for the current (error-
+    updated) weights of column j (original column index, also under act_order). Every parameter of the
+    quantizer (a row's scale, exponent...) must be fixed before the call. Dead inputs' weights are set to 0
+    first. Returns (Ŵ fp32 [out, in] in the original column order, stats: seconds, damp, proxy_loss)."""
+    t0 = time.perf_counter()
+    _check_inputs(W, H)
+    H, dead = _dead_inputs(H, W.device)
+    W = W.float().clone()
+    W[:, dead] = 0.0
+    order = _act_order(H) if act_order else torch.arange(W.shape[1], device=W.device)
+    Hinv, damp_used = _inverse_cholesky(H[order][:, order], damp)
+    index = order.tolist()
+    Q, losses = _compensated_columns(W[:, order], Hinv, block_size,
+                                     lambda W1, i, j: quantize_column(W1[:, i], index[j]))
+    w_hat = torch.empty_like(Q)
+    w_hat[:, order] = Q
+    stats = {"seconds": time.perf_counter() - t0, "damp": damp_used, "proxy_loss": float(losses.sum())}
+    return w_hat, stats
