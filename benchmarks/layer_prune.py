@@ -2,7 +2,8 @@
 last layers at the same removed-layer count, plus one chained recipe (TRSP, then a quantization method).
 
     .venv/bin/python benchmarks/layer_prune.py [--recipes trsp-25,shortgpt-25,...] [--calib-samples 32]
-        [--steps 8 --stage2-steps 8 --windows 32 --seqlen 128] [--sleb-windows 4 --sleb-seqlen 128]
+        [--steps 8 --lr 0.1 --batch-size 1 --stage2-steps 8 --stage2-lr 2e-5
+         --windows 32 --seqlen 128] [--sleb-windows 4 --sleb-seqlen 128]
         [--chain rtn-w4g64]
 
 Runs the pipeline stages as plain calls (calibrate -> [structural rounds] -> [saliency -> compress -> pack]
@@ -32,6 +33,7 @@ def configured(name: str, args) -> pipeline.Recipe:
     for m in recipe.methods:
         if m.method == "trsp":
             m = m.model_copy(update={"steps": args.steps, "windows": args.windows, "seqlen": args.seqlen, "lr": args.lr,
+                                     "batch_size": args.batch_size, "stage2_lr": args.stage2_lr,
                                      **({"stage2_steps": args.stage2_steps} if m.stage2_steps else {})})
         elif m.method == "sleb":
             m = m.model_copy(update={"windows": args.sleb_windows, "seqlen": args.sleb_seqlen})
@@ -47,7 +49,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="TRSP gate steps per round")
     ap.add_argument("--lr", type=float, default=0.1, help="TRSP gate learning rate (Adam)")
+    ap.add_argument("--batch-size", type=int, default=1, help="TRSP windows per step (both stages)")
     ap.add_argument("--stage2-steps", type=int, default=8)
+    ap.add_argument("--stage2-lr", type=float, default=2e-5, help="TRSP transfer learning rate (AdamW)")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--sleb-windows", type=int, default=4)
