@@ -65,3 +65,18 @@ def run_stages(store, plan, base: bool = True) -> dict:
     baseline = pipeline.evaluate(store, plan.model, None, plan.evaluation, "fp32") if base else metrics
     artifact = pipeline.assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
     return {"calib": calib, "stats": stats, "blocks": blocks, "packed": packed, "metrics": metrics, "artifact": artifact}
+
+
+def correlated_layer(out: int = 64, inp: int = 256, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, H = XᵀX in fp64) for a layer whose inputs are correlated (X = Z·A mixes them), so H is far from
+    diagonal and error compensation has something to exploit."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(tokens, inp, generator=gen) @ (torch.randn(inp, inp, generator=gen) / inp ** 0.5)
+    W = torch.randn(out, inp, generator=gen) * 0.02
+    return W, X.double().T @ X.double()
+
+
+def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """Σ over rows of (W − Ŵ) H (W − Ŵ)ᵀ: the layer's squared output error on the inputs behind H."""
+    D = (W - W_hat).double()
+    return float(torch.einsum("oi,ij,oj->", D, H.double(), D))

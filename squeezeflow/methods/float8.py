@@ -24,15 +24,13 @@ class Float8Method(Method):
 
     kernel = None          # rf8_linear or fp8_linear
     row_field: str = ""    # name of the per-row field in the packed format
+    row_param = None       # the kernel's per-row choice from a weight: row_exp_bias or row_scales
 
     def __init__(self, config):
         super().__init__(config)
         if config.gptq:   # XᵀX through the already-compressed blocks, as GPTQ
             self.requires = ("xtx",)
             self.layerwise = False
-
-    def row_param(self, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def compress_linear(self, name, weight, stats):
         if not self.config.gptq:
@@ -72,9 +70,7 @@ class RF8(Float8Method):
     config: RF8Config
     kernel = rf8_linear
     row_field = "exp_bias"
-
-    def row_param(self, w):
-        return rf8_linear.row_exp_bias(w)
+    row_param = staticmethod(rf8_linear.row_exp_bias)
 
 
 class FP8(Float8Method):
@@ -82,6 +78,4 @@ class FP8(Float8Method):
     config: FP8Config
     kernel = fp8_linear
     row_field = "scales"
-
-    def row_param(self, w):
-        return fp8_linear.row_scales(w)
+    row_param = staticmethod(fp8_linear.row_scales)

@@ -15,6 +15,7 @@ from squeezeflow.methods import get_method
 from squeezeflow.methods.gptq_core import fit_grid, gptq_elementwise, gptq_quantize
 from squeezeflow.models import decoder_linears, load_model
 from squeezeflow.store import LocalStore
+from sf_testing import correlated_layer, output_error
 
 OUT, IN, TOKENS = 64, 256, 2048
 KERNELS = {"rf8": rf8_linear, "fp8": fp8_linear}
@@ -23,16 +24,7 @@ ROW_FIELD = {"rf8": "exp_bias", "fp8": "scales"}
 
 @pytest.fixture(scope="module")
 def layer():
-    """A weight and the Hessian of correlated inputs (as in test_gptq_core: X = Z·A mixes the inputs)."""
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(TOKENS, IN, generator=gen) @ (torch.randn(IN, IN, generator=gen) / IN ** 0.5)
-    W = torch.randn(OUT, IN, generator=gen) * 0.02
-    return W, X.double().T @ X.double()
-
-
-def output_error(W, W_hat, H):
-    D = (W - W_hat).double()
-    return float(torch.einsum("oi,ij,oj->", D, H.double(), D))
+    return correlated_layer(OUT, IN, TOKENS)
 
 
 def compress(fmt, W, H, **cfg):

@@ -4,22 +4,14 @@ import torch
 from squeezeflow.errors import BadInput
 from squeezeflow.methods.gptq_core import fit_grid, gptq_quantize
 from squeezeflow.methods.rtn import dequantize_groupwise, quantize_groupwise
+from sf_testing import correlated_layer, output_error
 
 OUT, IN, TOKENS = 64, 256, 2048
 
 
 @pytest.fixture(scope="module")
 def layer():
-    """A weight and the Hessian of correlated inputs (X = Z·A mixes the inputs, so H is far from diagonal)."""
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(TOKENS, IN, generator=gen) @ (torch.randn(IN, IN, generator=gen) / IN ** 0.5)
-    W = torch.randn(OUT, IN, generator=gen) * 0.02
-    return W, X.double().T @ X.double()
-
-
-def output_error(W, W_hat, H):
-    D = (W - W_hat).double()
-    return float(torch.einsum("oi,ij,oj->", D, H.double(), D))
+    return correlated_layer(OUT, IN, TOKENS)
 
 
 def rtn(W, bits, g):
