@@ -21,7 +21,7 @@ reproduces Ŵ. When the grid is fitted:
 `sym=True` uses the symmetric grid (zero = 2^(b-1), scale = 2·max|w| / (2^b - 1)), and `mse_clip=True`
 shrinks the range by the factor in 1.00, 0.99, ..., 0.80 that minimises the group's Σ|w - q|^clip_norm:
 2 (squared error, the default here and QUAD's) or 2.4 (the GPTQ reference code's and llm-compressor's MSE
-observer, which weighs the large errors clipping creates more; GPTQConfig's default).
+observer, which weighs the large errors clipping creates more; the gptq-…-mse presets use it).
 
 Kept positions (`keep`: outliers stored separately at full precision, as GWQ and QUAD do) are
 excluded from their group's min/max, so one huge outlier does not stretch the grid; their codes are
