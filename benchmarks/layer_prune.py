@@ -2,8 +2,8 @@
 last layers at the same removed-layer count, plus one chained recipe (TRSP, then a quantization method).
 
     .venv/bin/python benchmarks/layer_prune.py [--recipes trsp-25,shortgpt-25,...] [--calib-samples 32]
-        [--steps 8 --lr 0.1 --batch-size 1 --stage2-steps 8 --stage2-lr 2e-5
-         --windows 32 --seqlen 128] [--sleb-windows 4 --sleb-seqlen 128]
+        [--steps --lr --batch-size --lambda1 --stage2-steps --stage2-lr --lambda2 --windows --seqlen
+         (TRSP knobs; default: the trsp preset's)] [--sleb-windows 4 --sleb-seqlen 128]
         [--chain rtn-w4g64]
 
 Runs the pipeline stages as plain calls (calibrate -> [structural rounds] -> [saliency -> compress -> pack]
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, preset
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, TRSPConfig, preset
 from squeezeflow.settings import store_uri
 from squeezeflow.store import open_store
 
@@ -34,6 +34,7 @@ def configured(name: str, args) -> pipeline.Recipe:
         if m.method == "trsp":
             m = m.model_copy(update={"steps": args.steps, "windows": args.windows, "seqlen": args.seqlen, "lr": args.lr,
                                      "batch_size": args.batch_size, "stage2_lr": args.stage2_lr,
+                                     "lambda1": args.lambda1, "lambda2": args.lambda2,
                                      **({"stage2_steps": args.stage2_steps} if m.stage2_steps else {})})
         elif m.method == "sleb":
             m = m.model_copy(update={"windows": args.sleb_windows, "seqlen": args.sleb_seqlen})
@@ -47,13 +48,16 @@ def main() -> None:
     ap.add_argument("--recipes", default="lastlayers-25,shortgpt-25,sleb-25,trsp-25,trsp-25-no-stage2,trsp-25-no-iter")
     ap.add_argument("--chain", default="rtn-w4g64", help="weight method run after trsp-25 ('' = skip)")
     ap.add_argument("--calib-samples", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=8, help="TRSP gate steps per round")
-    ap.add_argument("--lr", type=float, default=0.1, help="TRSP gate learning rate (Adam)")
-    ap.add_argument("--batch-size", type=int, default=1, help="TRSP windows per step (both stages)")
-    ap.add_argument("--stage2-steps", type=int, default=8)
-    ap.add_argument("--stage2-lr", type=float, default=2e-5, help="TRSP transfer learning rate (AdamW)")
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=128)
+    trsp = TRSPConfig.model_fields   # TRSP knobs default to the preset's values
+    ap.add_argument("--steps", type=int, default=trsp["steps"].default, help="TRSP gate steps per round")
+    ap.add_argument("--lr", type=float, default=trsp["lr"].default, help="TRSP gate learning rate (Adam)")
+    ap.add_argument("--batch-size", type=int, default=trsp["batch_size"].default, help="TRSP windows per step (both stages)")
+    ap.add_argument("--lambda1", type=float, default=trsp["lambda1"].default, help="TRSP L1 weight on the gates (stage 1)")
+    ap.add_argument("--lambda2", type=float, default=trsp["lambda2"].default, help="TRSP transfer penalty weight (stage 2)")
+    ap.add_argument("--stage2-steps", type=int, default=trsp["stage2_steps"].default)
+    ap.add_argument("--stage2-lr", type=float, default=trsp["stage2_lr"].default, help="TRSP transfer learning rate (AdamW)")
+    ap.add_argument("--windows", type=int, default=trsp["windows"].default)
+    ap.add_argument("--seqlen", type=int, default=trsp["seqlen"].default)
     ap.add_argument("--sleb-windows", type=int, default=4)
     ap.add_argument("--sleb-seqlen", type=int, default=128)
     ap.add_argument("--kl-windows", type=int, default=2)
