@@ -1,11 +1,14 @@
 """Per-layer output error of the 8-bit float encoders on real SmolLM2 layers.
 
-    .venv/bin/python benchmarks/float8_layer_error.py [--windows 8] [--blocks 0,15,29] [--json out.json]
+    .venv/bin/python benchmarks/float8_layer_error.py [--windows 8] [--blocks 0,15,29] [--linears all]
+        [--heldout moby-dick] [--json out.json]
 
-For q_proj, o_proj and down_proj of a few blocks: the dense XᵀX of calibration windows (SOTU), then the
-output error tr((W − Ŵ) XᵀX (W − Ŵ)ᵀ) of rf8 and fp8-e4m3 rounding and of their GPTQ encoders (recipes
-rf8-gptq, fp8-e4m3-gptq). Answers "does the GPTQ encoder work per layer, and equally for both formats?"
-without a full sweep; minutes on one core.
+For the chosen linears (default q_proj, o_proj, down_proj; `--linears all` for all seven) of a few
+blocks: the dense XᵀX of calibration windows (SOTU), then the output error tr((W − Ŵ) XᵀX (W − Ŵ)ᵀ) of
+rf8 and fp8-e4m3 rounding and of their GPTQ encoders (recipes rf8-gptq, fp8-e4m3-gptq). The encoders
+fit on the calibration XᵀX; `--heldout SPLIT` also scores every Ŵ on the XᵀX of that split's windows,
+which the encoder never saw. Answers "does the GPTQ encoder work per layer, equally for both formats,
+and out of sample?" without a full sweep; minutes on one core.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from squeezeflow.models import decoder_linears, load_model, load_tokenizer, prep
 
 FORMATS = {"rf8": (RF8Config, rf8_linear), "fp8": (FP8Config, fp8_linear)}
 LINEARS = ("q_proj", "o_proj", "down_proj")
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -29,13 +33,13 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float
     return float(torch.einsum("oi,ij,oj->", D, H, D))
 
 
-def input_gram(model, blocks: list[int], windows: torch.Tensor) -> dict[str, torch.Tensor]:
+def input_gram(model, blocks: list[int], windows: torch.Tensor, linears: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """fp64 XᵀX of the inputs of the chosen linears, from one forward pass of the dense model."""
     grams: dict[str, torch.Tensor] = {}
     hooks = []
     for b in blocks:
         for name, lin in decoder_linears(model.model.layers[b]).items():
-            if name.split(".")[-1] in LINEARS:
+            if name.split(".")[-1] in linears:
                 def hook(mod, inp, out, key=f"{b}.{name}"):
                     x = inp[0].reshape(-1, inp[0].shape[-1]).double()
                     grams[key] = grams.get(key, 0) + x.T @ x
@@ -53,17 +57,29 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--blocks", default="0,15,29")
+    ap.add_argument("--linears", default=",".join(LINEARS), help="comma list of linear names, or 'all'")
+    ap.add_argument("--heldout", default="", help="also score on this split's XᵀX (e.g. moby-dick)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
     resolved = prepare_model(args.model)
     model = load_model(resolved.path)
-    ids = tokenize_source(load_text("sotu-calib"), load_tokenizer(resolved.path))
+    tokenizer = load_tokenizer(resolved.path)
     blocks = [int(b) for b in args.blocks.split(",")]
-    grams = input_gram(model, blocks, sample_windows(ids, args.windows, args.seqlen, 0))
+    linears = ALL_LINEARS if args.linears == "all" else tuple(args.linears.split(","))
+
+    def gram_of(split: str) -> dict[str, torch.Tensor]:
+        ids = tokenize_source(load_text(split), tokenizer)
+        return input_gram(model, blocks, sample_windows(ids, args.windows, args.seqlen, 0), linears)
+
+    grams = gram_of("sotu-calib")
+    held = gram_of(args.heldout) if args.heldout else {}
     rows = []
-    print("| layer | rf8 rounding | rf8 gptq / rounding | fp8 rounding | fp8 gptq / rounding | rf8 / fp8 (rounding) |")
-    print("|---|---|---|---|---|---|")
+    cols = "| layer | rf8 rounding | rf8 gptq / rounding | fp8 rounding | fp8 gptq / rounding | rf8 / fp8 (rounding) |"
+    if held:
+        cols += " rf8 gptq / rounding, held-out | fp8 gptq / rounding, held-out |"
+    print(cols)
+    print("|---" * (cols.count("|") - 1) + "|")
     for b in blocks:
         for name, lin in decoder_linears(model.model.layers[b]).items():
             key = f"{b}.{name}"
@@ -72,13 +88,20 @@ def main() -> None:
             W, H = lin.weight.detach().float(), grams[key]
             row = {"layer": key}
             for fmt, (config, kernel) in FORMATS.items():
-                rounded = output_error(W, kernel.decode(*kernel.encode(W)), H)
+                W_round = kernel.decode(*kernel.encode(W))
+                rounded = output_error(W, W_round, H)
                 method = get_method(config(gptq=True))
-                gptq = output_error(W, method.dequantize(method.compress_linear(key, W, {"xtx": H.float()})), H)
+                W_gptq = method.dequantize(method.compress_linear(key, W, {"xtx": H.float()}))
+                gptq = output_error(W, W_gptq, H)
                 row[fmt] = {"rounding": rounded, "gptq": gptq, "ratio": gptq / rounded}
+                if held:
+                    row[fmt]["heldout_ratio"] = output_error(W, W_gptq, held[key]) / output_error(W, W_round, held[key])
             rows.append(row)
-            print(f"| {key} | {row['rf8']['rounding']:.4g} | {row['rf8']['ratio']:.3f} | {row['fp8']['rounding']:.4g} "
-                  f"| {row['fp8']['ratio']:.3f} | {row['rf8']['rounding'] / row['fp8']['rounding']:.2f} |", flush=True)
+            line = (f"| {key} | {row['rf8']['rounding']:.4g} | {row['rf8']['ratio']:.3f} | {row['fp8']['rounding']:.4g} "
+                    f"| {row['fp8']['ratio']:.3f} | {row['rf8']['rounding'] / row['fp8']['rounding']:.2f} |")
+            if held:
+                line += f" {row['rf8']['heldout_ratio']:.3f} | {row['fp8']['heldout_ratio']:.3f} |"
+            print(line, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
