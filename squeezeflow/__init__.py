@@ -12,13 +12,16 @@ except ImportError as _e:  # pragma: no cover - only when the integration module
         raise
 
 
-def load(ref: str, dtype=None, *, tokenizer: bool = False):
+def load(ref: str, dtype=None, *, tokenizer: bool = False, require_signature: bool | None = None):
     """Load an artifact in one line: ``squeezeflow.load("s3://…" | "model/recipe@alias" | dir)``.
 
-    A registry entry is downloaded once into the local cache (scratch_dir()/pulled), every file checked
-    against its manifest's sha256 on the way in, and the cached copy re-verified on each later load; a
-    local artifact directory with a manifest.json is verified the same way (a directory without one,
-    e.g. a plain checkpoint, loads as is). Returns the transformers model, or ``(model, tokenizer)`` with
+    A registry entry is downloaded once into the local cache (scratch_dir()/pulled), authenticated (its
+    manifest names the entry and matches its content id, every file matches its sha256) and checked
+    against the signature policy (`require_signature`, else SQUEEZEFLOW_REQUIRE_SIGNATURE, with keys from
+    SQUEEZEFLOW_TRUSTED_KEYS; see squeezeflow.signing); the cached copy is re-verified on each later load.
+    A local artifact directory with a manifest.json is verified the same way (its signature only with
+    ``require_signature=True``: a directory you built yourself is not signed); a directory without one,
+    e.g. a plain checkpoint, loads as is. Returns the transformers model, or ``(model, tokenizer)`` with
     ``tokenizer=True``."""
     from pathlib import Path
 
@@ -27,14 +30,18 @@ def load(ref: str, dtype=None, *, tokenizer: bool = False):
     from .errors import BadInput
     from .models import load_model, load_tokenizer, pull_artifact
     from .registry import verify_dir
+    from .signing import TrustPolicy
 
     path = Path(ref).expanduser()
     if path.is_dir():
         if (path / "manifest.json").exists():
-            verify_dir(path)
+            verify_dir(path, trust=TrustPolicy.from_env(True) if require_signature else None)
     elif ref.startswith("s3://") or "@" in ref:
-        path = pull_artifact(ref)  # verified download, or a verified cached copy
+        path = pull_artifact(ref, require_signature)  # authenticated download, or a re-verified cached copy
     else:
-        raise BadInput(f"cannot load {ref!r}: not a directory, an s3:// URI or a model/recipe@alias reference")
+        from .terminal import safe_text
+
+        raise BadInput(f"cannot load {safe_text(repr(ref))}: not a directory, an s3:// URI or a "
+                       "model/recipe@alias reference")
     model = load_model(path, dtype or torch.float32)
     return (model, load_tokenizer(path)) if tokenizer else model

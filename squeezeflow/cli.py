@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import BadInput, IntegrityError
 from .store import check_store
+from .terminal import safe_text
 
 DEMO_RECIPES = ("rtn-w4g64", "rtn-w3g64")
 # Sized so the first demo finishes in well under 15 minutes on 2 cores (see README).
@@ -285,34 +286,48 @@ def cmd_deploy(args) -> int:
 
 
 def _registry(args):
-    from . import pipeline
-    from .registry import Registry
+    from .registry import open_registry
+    from .s3 import check_reachable
 
-    return Registry(pipeline.registry_for(args.registry))
+    reg = open_registry(args.registry or None, require_signature=args.require_signature or None,
+                        trusted_keys=args.trusted_key)
+    if args.action in ("pull", "promote") or args.require_signature:
+        reg.trust  # a bad or incomplete trust configuration is one line before any download
+    check_reachable(reg.uri)
+    return reg
 
 
 def cmd_registry(args) -> int:
+    from .terminal import safe_text as t
+
+    if args.action == "keygen":
+        return _keygen(args)
     if args.action != "list" and not args.ref:
         raise BadInput(f"registry {args.action} needs a REF (s3:// entry URI, model/recipe@alias or model/recipe)")
+    if args.action == "pull" and not args.dest:
+        raise BadInput("registry pull needs --dest DIR")
+    if args.action == "promote" and not args.alias:
+        raise BadInput("registry promote needs --alias NAME")
     reg = _registry(args)
+    # Everything printed below comes from the registry: escaped (t), or JSON (which escapes by itself).
     if args.action == "list":
         entries = reg.list()
         if args.json:
             _print_json({"artifacts": entries})
         else:
             for e in entries:
-                ppl = e.get("metrics", {}).get("perplexity", {})
-                print(f"{e['uri']}  {','.join(e.get('aliases', []))}  " + "  ".join(f"{k}={v:.3f}" for k, v in ppl.items()))
+                ppl = e["metrics"].get("perplexity")
+                ppl = ppl if isinstance(ppl, dict) else {}
+                print(t(f"{e['uri']}  {','.join(e['aliases'])}  "
+                        + "  ".join(f"{k}={v:.3f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in ppl.items())))
     elif args.action == "show":
         _print_json(reg.show(args.ref))
     elif args.action == "pull":
-        if not args.dest:
-            raise BadInput("registry pull needs --dest DIR")
-        path = reg.pull(args.ref, Path(args.dest))
-        _print_json({"path": str(path)}) if args.json else print(path)
+        from .registry import check_dest
+
+        path = reg.pull(args.ref, check_dest(Path(args.dest)))
+        _print_json({"path": str(path)}) if args.json else print(t(path))
     elif args.action == "promote":
-        if not args.alias:
-            raise BadInput("registry promote needs --alias NAME")
         entry = reg.promote(args.ref, args.alias)
         # The move just made (or, for a no-op promote, the one that put the alias there already).
         moves = [h for h in reg.history(entry.model, entry.recipe, args.alias) if h["uri"] == entry.uri]
@@ -323,7 +338,7 @@ def cmd_registry(args) -> int:
             _print_json(out)
         else:
             print(f"{entry.model}/{entry.recipe}@{args.alias} -> {entry.artifact_id} ({entry.uri})")
-            print(f"  was: {previous.get('artifact_id')} ({previous['uri']})" if previous.get("uri")
+            print(t(f"  was: {previous.get('artifact_id')} ({previous['uri']})") if previous.get("uri")
                   else "  was: (new alias)")
     elif args.action == "history":
         model, recipe, alias = _alias_ref(reg, args.ref, args.alias)
@@ -335,7 +350,22 @@ def cmd_registry(args) -> int:
         else:
             for h in records:
                 was = (h.get("previous") or {}).get("artifact_id") or "-"
-                print(f"{h['seq']:>4}  {h['updated']}  {h['artifact_id']}  (was {was})  {h['uri']}")
+                print(t(f"{h['seq']:>4}  {h.get('updated')}  {h.get('artifact_id')}  (was {was})  {h.get('uri')}"))
+    return 0
+
+
+def _keygen(args) -> int:
+    from .signing import write_keypair
+
+    if not args.dest:
+        raise BadInput("registry keygen needs --dest DIR (where signing-key.pem and signing-key.pub.pem go)")
+    private, public, kid = write_keypair(Path(args.dest).expanduser())
+    if args.json:
+        _print_json({"key_id": kid, "private_key": str(private), "public_key": str(public)})
+    else:  # paths only: the key itself is never printed
+        print(f"key {kid}\n  private (keep secret, mode 0600): {private}\n  public: {public}\n"
+              f"publishers: export SQUEEZEFLOW_SIGNING_KEY={private}\n"
+              f"consumers:  export SQUEEZEFLOW_TRUSTED_KEYS={public} SQUEEZEFLOW_REQUIRE_SIGNATURE=1")
     return 0
 
 
@@ -483,10 +513,14 @@ def build_parser() -> argparse.ArgumentParser:
     _runner_flags(sw)
     sw.set_defaults(fn=cmd_sweep)
 
-    reg = sub.add_parser("registry", help="list, show, pull, promote artifacts; alias history")
-    reg.add_argument("action", choices=["list", "show", "pull", "promote", "history"])
+    reg = sub.add_parser("registry", help="list, show, pull, promote artifacts; alias history; signing keys")
+    reg.add_argument("action", choices=["list", "show", "pull", "promote", "history", "keygen"])
     reg.add_argument("ref", nargs="?", help="s3:// entry URI or model/recipe@alias (history: model/recipe)")
-    reg.add_argument("--dest")
+    reg.add_argument("--dest", help="pull: the directory to create; keygen: where the key files go")
+    reg.add_argument("--require-signature", action="store_true",
+                     help="refuse entries not signed by a trusted key (default: $SQUEEZEFLOW_REQUIRE_SIGNATURE)")
+    reg.add_argument("--trusted-key", action="append", default=[], metavar="PEM_FILE",
+                     help="a trusted public key, besides $SQUEEZEFLOW_TRUSTED_KEYS (repeatable)")
     reg.add_argument("--alias", help="promote: the alias to move; history: whose moves (default production)")
     reg.add_argument("--registry")
     reg.set_defaults(fn=cmd_registry)
@@ -514,11 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress_bar(args):
             return args.fn(args)
-    except BadInput as e:
-        print(f"squeezeflow: error: {e}", file=sys.stderr)
+    except BadInput as e:  # messages may quote registry or file content: escaped (squeezeflow/terminal.py)
+        print(f"squeezeflow: error: {safe_text(e)}", file=sys.stderr)
         return 2
     except IntegrityError as e:
-        print(f"squeezeflow: integrity error: {e}", file=sys.stderr)
+        print(f"squeezeflow: integrity error: {safe_text(e)}", file=sys.stderr)
         return 1
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -12,3 +12,9 @@ class BadInput(ValueError):
 
 class IntegrityError(RuntimeError):
     """Stored bytes do not match the sha256 recorded for them (tampering or corruption)."""
+
+
+class UntrustedEntry(IntegrityError, BadInput):
+    """Registry content that must not be used: unsigned or wrongly signed where a signature is required, a
+    manifest that does not name itself truthfully, an alias that points outside its model/recipe or is
+    malformed. An IntegrityError to callers; the CLI reports it as one line with exit status 2."""

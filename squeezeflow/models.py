@@ -145,34 +145,38 @@ def resolve_model(ref: str) -> ResolvedModel:
     return ResolvedModel(path.name, path, fingerprint)
 
 
-def pull_artifact(ref: str) -> Path:
-    """A registry entry (s3:// URI or model/recipe@alias) as a verified local directory (cached)."""
+def pull_artifact(ref: str, require_signature: bool | None = None) -> Path:
+    """A registry entry (s3:// URI or model/recipe@alias) as an authenticated local directory (cached).
+    `require_signature`: None follows SQUEEZEFLOW_REQUIRE_SIGNATURE (see squeezeflow.signing)."""
     import hashlib
 
-    from .registry import open_registry, verify_dir
+    from .registry import open_registry
     from .settings import scratch_dir
 
     # An entry URI names its registry: s3://bucket/prefix/models/<model>/<recipe>/<id>.
-    registry = open_registry(ref.split("/models/")[0] if ref.startswith("s3://") and "/models/" in ref else None)
+    registry = open_registry(ref.split("/models/")[0] if ref.startswith("s3://") and "/models/" in ref else None,
+                             require_signature=require_signature)
+    registry.trust  # a bad trust configuration is one line before anything is downloaded
     uri = registry.resolve(ref)
-    dest = scratch_dir() / "pulled" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (dest / "manifest.json").exists():
-        verify_dir(dest)  # a cached copy is trusted only if it still matches its manifest
-        return dest
+    dest = scratch_dir().resolve() / "pulled" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    # pull() re-reads the entry's manifest and signature each time and re-verifies a cached copy.
     return registry.pull(uri, dest)
 
 
-def load(ref: str, dtype: torch.dtype = torch.float32):
+def load(ref: str, dtype: torch.dtype = torch.float32, require_signature: bool | None = None):
     """Load a published artifact (s3:// URI, model/recipe@alias) or a local artifact directory, after
-    verifying every file against its manifest."""
+    verifying every file against its manifest (and, with `require_signature`, its signature)."""
     from .registry import verify_dir
+    from .signing import TrustPolicy
 
-    path = Path(ref) if Path(ref).is_dir() else pull_artifact(ref)
+    path = Path(ref) if Path(ref).is_dir() else pull_artifact(ref, require_signature)
     if (path / "manifest.json").exists():
-        verify_dir(path)
+        verify_dir(path, trust=TrustPolicy.from_env(True) if require_signature else None)
     return load_model(path, dtype)
 
 
+# Every loader below passes its directory through `checked_dir`: a model that an earlier stage wrote
+# out of the store (a transformed or shallower checkpoint in scratch/trees) is verified before each use.
 def load_config(path: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 

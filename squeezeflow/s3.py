@@ -7,8 +7,12 @@ SeaweedFS server exports its endpoint and credentials into the environment of th
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterator
 
 from .errors import BadInput
 
@@ -44,6 +48,7 @@ def client(connect_timeout: float = 5.0, max_attempts: int = 5):
     """A boto3 S3 client with bounded retries (standard mode: exponential backoff on 5xx/throttling)."""
     import boto3
     from botocore.config import Config
+    from botocore.exceptions import ConfigParseError
 
     cfg = Config(
         retries={"max_attempts": max_attempts, "mode": "standard"},
@@ -55,7 +60,10 @@ def client(connect_timeout: float = 5.0, max_attempts: int = 5):
         response_checksum_validation="when_required",
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", endpoint_url=endpoint_url(), region_name=region, config=cfg)
+    try:
+        return boto3.client("s3", endpoint_url=endpoint_url(), region_name=region, config=cfg)
+    except ConfigParseError as e:  # a corrupt ~/.aws/config or credentials file: the user's to fix
+        raise BadInput(f"{e} (AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE): fix or move it") from None
 
 
 def check_reachable(uri: str) -> None:
@@ -76,3 +84,90 @@ def check_reachable(uri: str) -> None:
     except (BotoCoreError, OSError) as e:
         raise BadInput(f"S3 endpoint {endpoint_url() or 'AWS'} unreachable ({type(e).__name__}); "
                        "check SQUEEZEFLOW_S3_ENDPOINT or start the embedded server") from None
+
+
+def error_code(e: Exception) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+class S3Objects:
+    """The object operations the registry is built from, on one bucket/prefix."""
+
+    def __init__(self, uri: str, s3_client: Any = None):
+        self.loc = S3Location.parse(uri)
+        self.uri = self.loc.uri().rstrip("/")
+        self._c = s3_client or client()
+
+    def _keys(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        for page in self._c.get_paginator("list_objects_v2").paginate(Bucket=self.loc.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"], obj["LastModified"]
+
+    def _head(self, key: str, checksum: bool = False) -> dict | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            extra = {"ChecksumMode": "ENABLED"} if checksum else {}
+            return self._c.head_object(Bucket=self.loc.bucket, Key=key, **extra)
+        except ClientError as e:
+            if error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def _get(self, key: str, missing_ok: bool = False) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._c.get_object(Bucket=self.loc.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if missing_ok and error_code(e) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def _stream(self, key: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        body = self._c.get_object(Bucket=self.loc.bucket, Key=key)["Body"]
+        try:
+            yield from body.iter_chunks(chunk)
+        finally:
+            body.close()
+
+    def _put_new(self, key: str, body: Any, sha256_hex: str) -> bool:
+        """PUT only if the key is absent. False when it already exists (HTTP 412)."""
+        from botocore.exceptions import ClientError
+
+        from .errors import IntegrityError
+
+        try:
+            self._c.put_object(Bucket=self.loc.bucket, Key=key, Body=body, IfNoneMatch="*",
+                               ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode())
+            return True
+        except ClientError as e:
+            if error_code(e) in ("PreconditionFailed", "412"):
+                return False
+            if error_code(e) in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
+                raise IntegrityError(f"upload of {key} was rejected: the bytes sent do not match their "
+                                     "sha256 (file changed during upload?)") from None
+            raise
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Turn configuration-type S3 failures into one clear BadInput line; let the rest through."""
+        from botocore.exceptions import (ClientError, ConnectTimeoutError, EndpointConnectionError,
+                                         NoCredentialsError)
+
+        where = endpoint_url() or "AWS"
+        try:
+            yield
+        except (EndpointConnectionError, ConnectTimeoutError) as e:
+            raise BadInput(f"cannot {action}: S3 endpoint {where} unreachable ({type(e).__name__}); "
+                           "check SQUEEZEFLOW_S3_ENDPOINT or start the embedded server") from None
+        except NoCredentialsError:
+            raise BadInput(f"cannot {action}: no S3 credentials; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+        except ClientError as e:
+            code = error_code(e)
+            if code in ("NoSuchBucket",):
+                raise BadInput(f"cannot {action}: bucket {self.loc.bucket!r} does not exist at {where}") from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise BadInput(f"cannot {action}: access denied by {where} ({code}); check "
+                               "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+            raise

@@ -64,17 +64,17 @@ def all_objects(reg: Registry) -> dict[str, tuple[str, datetime]]:
 
 
 def test_publish_list_show_pull_round_trip(registry: Registry, tmp_path: Path):
-    src = make_artifact(tmp_path / "art")
-    entry = registry.publish(src, MODEL, RECIPE, "a1")
-    assert entry.uri == f"{registry.uri}/models/{MODEL}/{RECIPE}/a1"
+    src, a1 = make_authentic_artifact(tmp_path / "art", 0)
+    entry = registry.publish(src, MODEL, RECIPE, a1)
+    assert entry.uri == f"{registry.uri}/models/{MODEL}/{RECIPE}/{a1}"
 
     # Every ref form names the same entry.
-    for ref in (entry.uri, entry.uri + "/", f"{MODEL}/{RECIPE}/a1", f"{MODEL}/{RECIPE}@latest", f"{MODEL}/{RECIPE}"):
+    for ref in (entry.uri, entry.uri + "/", f"{MODEL}/{RECIPE}/{a1}", f"{MODEL}/{RECIPE}@latest", f"{MODEL}/{RECIPE}"):
         assert registry.resolve(ref) == entry.uri
 
     [listed] = registry.list()
     assert listed["uri"] == entry.uri and listed["aliases"] == ["latest"]
-    assert (listed["model"], listed["recipe"], listed["artifact_id"]) == (MODEL, RECIPE, "a1")
+    assert (listed["model"], listed["recipe"], listed["artifact_id"]) == (MODEL, RECIPE, a1)
     assert listed["metrics"]["perplexity"]["moby-dick"] == 44.0
     assert datetime.fromisoformat(listed["created"]).tzinfo is not None
     assert registry.list(model="other-model") == []
@@ -91,7 +91,7 @@ def test_publish_list_show_pull_round_trip(registry: Registry, tmp_path: Path):
     for rel in src_files:
         assert (dest / rel).read_bytes() == (src / rel).read_bytes(), rel
     assert os.listdir(dest.parent) == ["model"]  # no temporary directory left behind
-    assert verify_dir(dest, authenticate=False)["metrics"] == shown["manifest"]["metrics"]
+    assert verify_dir(dest)["metrics"] == shown["manifest"]["metrics"]  # authenticated
     # Pulling again into the same complete copy is a no-op, not an error.
     assert registry.pull(entry.uri, dest) == dest
 
@@ -220,9 +220,9 @@ def test_concurrent_promotes_all_land(s3_server: dict, tmp_path: Path):
 
 
 def test_pull_refuses_a_tampered_object(registry: Registry, tmp_path: Path):
-    src = make_artifact(tmp_path / "art")
-    entry = registry.publish(src, MODEL, RECIPE, "a1")
-    key = f"{registry.loc.prefix}/models/{MODEL}/{RECIPE}/a1/model.safetensors"
+    src, a1 = make_authentic_artifact(tmp_path / "art", 0)
+    entry = registry.publish(src, MODEL, RECIPE, a1)
+    key = f"{registry.loc.prefix}/models/{MODEL}/{RECIPE}/{a1}/model.safetensors"
     data = bytearray((src / "model.safetensors").read_bytes())
     data[1234] ^= 0x01  # same size, one bit different
     registry._c.put_object(Bucket=registry.loc.bucket, Key=key, Body=bytes(data))
