@@ -2,7 +2,7 @@
 
 For every registry entry aliased `production` (or the refs given), the flow reads the manifest (model,
 recipe, calibration record, evaluation protocol), samples new calibration windows and runs the same
-recipe through the compress flow's stages (`compress_recipe`). The candidate, the production artifact and
+recipe through the compress flow's plan (squeezeflow/dag.py). The candidate, the production artifact and
 the base model are then evaluated on production's protocol, and the gate (squeezeflow.gate) decides. The
 decision is sealed into the candidate's lineage before it is published, and shown as a Prefect markdown
 artifact. A passing candidate becomes `production` (and `latest`); a failing one is published under
@@ -21,31 +21,30 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from squeezeflow import gate as gate_lib
-from squeezeflow import pipeline
+from squeezeflow import dag, pipeline
 from squeezeflow.calibration import CalibrationSet
-from squeezeflow.config import ModelRef, Recipe
+from squeezeflow.config import ModelRef
 from squeezeflow.errors import BadInput
-from squeezeflow.flows.compress import Destinations, compress_recipe, table_artifact_key
+from squeezeflow.flows.compress import Destinations, table_artifact_key
 from squeezeflow.gate import FreshCalibration, GateThresholds
+from squeezeflow.recipes import Recipe
 from squeezeflow.registry import MANIFEST, Registry, verify_dir
 from squeezeflow.settings import store_uri as default_store_uri
 from squeezeflow.store import ArtifactStore, Ref, open_store
-from squeezeflow.tasks.calibrate import calibrate
-from squeezeflow.tasks.evaluate import evaluate
 from squeezeflow.tasks.gate import publish_candidate, stamp_gate
-from squeezeflow.tasks.saliency import saliency
+from squeezeflow.tasks.stages import prefect_call
 
 PRODUCTION = "production"
 
 
-class Job(BaseModel):
+class Recalibration(BaseModel):
     """One production artifact to re-calibrate, everything checked before heavy work starts."""
 
     production_uri: str
     production_id: str
     production_recipe: str
     production_dir: str     # the verified local copy of the production entry
-    plan: pipeline.Plan     # candidate's plan: production's model, recipe (or the override), fresh data
+    job: pipeline.Job       # the candidate: production's model, recipe (or the override), fresh data
 
 
 def production_entries(reg: Registry, refs: list[str]) -> list[str]:
@@ -59,21 +58,21 @@ def production_entries(reg: Registry, refs: list[str]) -> list[str]:
     return uris
 
 
-def prepare(reg: Registry, uri: str, calibration: FreshCalibration, recipe_override: str) -> Job:
+def prepare(reg: Registry, uri: str, calibration: FreshCalibration, recipe_override: str) -> Recalibration:
     """Pull and verify the production artifact and preflight its candidate (same model, same recipe unless
     overridden, fresh calibration, production's evaluation protocol)."""
     path = reg.pull(uri)
     manifest = verify_dir(path)  # authenticated: the gate compares against what production really is
     lineage = manifest["lineage"]
     recipe = recipe_override or Recipe.model_validate(lineage["recipe"])
-    plan = pipeline.preflight(ModelRef(ref=lineage["model"]["ref"]), recipe,
+    job = pipeline.preflight(ModelRef(ref=lineage["model"]["ref"]), recipe,
                               calibration.spec_for(lineage.get("calibration") or {}), gate_lib.eval_spec(manifest))
-    if plan.model.fingerprint != lineage["model"]["fingerprint"]:
+    if job.model.fingerprint != lineage["model"]["fingerprint"]:
         raise BadInput(f"{uri}: its base model {lineage['model']['ref']!r} has changed since production was built "
-                       f"(fingerprint {plan.model.fingerprint[:12]} != {lineage['model']['fingerprint'][:12]}); "
+                       f"(fingerprint {job.model.fingerprint[:12]} != {lineage['model']['fingerprint'][:12]}); "
                        "re-compress it with the compress flow instead")
-    return Job(production_uri=uri, production_id=manifest["artifact_id"], production_recipe=manifest["recipe"],
-               production_dir=str(path), plan=plan)
+    return Recalibration(production_uri=uri, production_id=manifest["artifact_id"],
+                         production_recipe=manifest["recipe"], production_dir=str(path), job=job)
 
 
 def packed_files(store: ArtifactStore, artifact_dir: str) -> Ref:
@@ -108,43 +107,43 @@ def recalibrate_flow(
     registry = pipeline.registry_for(destinations.registry)
     reg = Registry(registry)
     store = destinations.store or default_store_uri()
-    jobs = [prepare(reg, uri, calibration, recipe_override) for uri in production_entries(reg, artifacts)]
+    todo = [prepare(reg, uri, calibration, recipe_override) for uri in production_entries(reg, artifacts)]
     decisions = []
-    for job in jobs:  # every job preflighted above: all valid, or none runs
-        decisions.append(_recalibrate_one(store, registry, job, gate, bool(recipe_override),
+    for one in todo:  # every candidate preflighted above: all valid, or none runs
+        decisions.append(_recalibrate_one(store, registry, one, gate, bool(recipe_override),
                                           destinations.publish, logger))
     return {"decisions": decisions}
 
 
-def _recalibrate_one(store: str, registry: str, job: Job, thresholds: GateThresholds, override: bool,
+def _recalibrate_one(store: str, registry: str, rc: Recalibration, thresholds: GateThresholds, override: bool,
                      publish: bool, logger) -> dict:
-    plan, m = job.plan, job.plan.model
-    logger.info("re-calibrating %s (%s) with %s on %s", job.production_uri, m.name, plan.recipe.name,
-                plan.calibration.source)
-    # The compress flow's own stages; with no registry, compress_recipe stops after assembling.
-    calib = calibrate(store, m, plan.calibration)
-    stats = saliency(store, m, calib, plan.statistics)
-    baseline = evaluate(store, m, None, plan.evaluation, "fp32")
-    artifact, _ = compress_recipe(store, plan, calib, stats, baseline, None)
+    job, m = rc.job, rc.job.model
+    logger.info("re-calibrating %s (%s) with %s on %s", rc.production_uri, m.name, job.recipe.name,
+                job.calibration.source)
+    # The compress flow's own plan, without its publish stage (the gate decides what is published).
+    out = pipeline.by_role(job, dag.run(dag.plan(job), store, prefect_call))
+    calib, baseline, artifact = out["calib"], out["baseline"], out["artifact"]
     s = open_store(store)
-    production_metrics = s.get_json(evaluate(store, m, packed_files(s, job.production_dir), plan.evaluation,
-                                             job.production_recipe))
+    production = dag.Stage(f"{job.recipe.name}/evaluate-production", "evaluate")
+    production_metrics = s.get_json(prefect_call(store, production, {
+        "model": m, "packed": packed_files(s, rc.production_dir), "spec": job.evaluation,
+        "recipe": rc.production_recipe, "texts_sha256": job.evaluation_sha256}))
     candidate_metrics = pipeline.artifact_json(s, artifact, MANIFEST)["metrics"]
 
     decision = gate_lib.decide(candidate_metrics, production_metrics, thresholds)
     block = gate_lib.record(
         decision, thresholds, candidate=candidate_metrics, base=s.get_json(baseline),
-        production={"uri": job.production_uri, "artifact_id": job.production_id, "metrics": production_metrics},
-        calibration=CalibrationSet.get(s, calib).provenance, recipe=plan.recipe.name, recipe_override=override,
-        evaluation=plan.evaluation)
+        production={"uri": rc.production_uri, "artifact_id": rc.production_id, "metrics": production_metrics},
+        calibration=CalibrationSet.get(s, calib).provenance, recipe=job.recipe.name, recipe_override=override,
+        evaluation=job.evaluation)
     gated = stamp_gate(store, artifact, block)
     entry = publish_candidate(store, gated, registry, decision["passed"]) if publish else None
     uri = entry["uri"] if entry else None
-    create_markdown_artifact(key=table_artifact_key("recalibrate", f"{m.name}-{job.production_recipe}"),
+    create_markdown_artifact(key=table_artifact_key("recalibrate", f"{m.name}-{rc.production_recipe}"),
                              markdown=gate_lib.render_markdown(block, uri),
-                             description=f"{m.name} · {plan.recipe.name}: {block['decision']}")
-    logger.info("%s: %s (%s)", job.production_uri, block["decision"], block["reason"])
-    return {"production": job.production_uri, "candidate": uri,
+                             description=f"{m.name} · {job.recipe.name}: {block['decision']}")
+    logger.info("%s: %s (%s)", rc.production_uri, block["decision"], block["reason"])
+    return {"production": rc.production_uri, "candidate": uri,
             "candidate_artifact_id": pipeline.artifact_json(s, gated, MANIFEST)["artifact_id"],
             "store_ref": gated.model_dump(), "passed": decision["passed"], "decision": block["decision"],
             "reason": block["reason"], "aliases": entry["aliases"] if entry else []}

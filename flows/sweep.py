@@ -1,6 +1,6 @@
-"""Many recipes on one model in one flow run. Calibration, the saliency pass (the union of every
-recipe's statistics, one streamed pass) and the fp32 baseline run once; each recipe then runs its own
-compress -> pack -> evaluate -> publish. The result is a comparison table (markdown, CSV, JSON) and two
+"""Many recipes on one model in one flow run. One plan (squeezeflow/dag.py): calibration, the
+statistics pass (the union of every recipe's statistics, one streamed pass) and the fp32 baseline run
+once; each recipe then runs its own compress -> pack -> evaluate -> publish. The result is a comparison table (markdown, CSV, JSON) and two
 plots (perplexity vs effective bits; per-layer reconstruction error), stored as one tree in the store and
 shown as Prefect table and markdown artifacts."""
 from __future__ import annotations
@@ -11,17 +11,14 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, RecipeSpec
+from squeezeflow import dag, pipeline
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.evaluation import plots
 from squeezeflow.evaluation.comparison import comparison_files
-from squeezeflow.flows.compress import Destinations, compress_recipe, table_artifact_key
-from squeezeflow.flows.run_progress import flow_progress
+from squeezeflow.flows.compress import Destinations, run_plan, table_artifact_key
+from squeezeflow.recipes import RecipeSpec
 from squeezeflow.settings import store_uri as default_store_uri
 from squeezeflow.store import open_store
-from squeezeflow.tasks.calibrate import calibrate
-from squeezeflow.tasks.evaluate import evaluate
-from squeezeflow.tasks.saliency import saliency
 
 
 @flow(name="sweep", log_prints=True, persist_result=False)
@@ -41,28 +38,19 @@ def sweep_flow(
         evaluation: Held-out perplexity protocol, run on each packed model loaded back from its files.
         destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
     """
-    logger = get_run_logger()
-    plans = [pipeline.preflight(model, r, calibration, evaluation) for r in recipes]  # all valid, or none runs
+    started = time.perf_counter()
+    jobs = [pipeline.preflight(model, r, calibration, evaluation) for r in recipes]  # all valid, or none runs
     store = destinations.store or default_store_uri()
     registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
-    m = plans[0].model
-    statistics = tuple(sorted({s for p in plans for s in p.statistics}))
-    logger.info("sweep of %d recipes on %s; statistics %s", len(plans), m.name, statistics)
-
-    with flow_progress(table_artifact_key("sweep-progress", m.name), [p.recipe.name for p in plans],
-                       f"{m.name}: sweep progress") as run:
-        run.stage("calibrate")
-        calib = calibrate(store, m, calibration)
-        run.stage("saliency")
-        stats = saliency(store, m, calib, statistics)
-        run.stage("evaluate fp32")
-        baseline = evaluate(store, m, None, evaluation, "fp32")
-        results = []
-        for plan in plans:
-            started = time.perf_counter()
-            artifact, entry = compress_recipe(store, plan, calib, stats, baseline, registry, run)
-            results.append(pipeline.summarize(open_store(store), artifact, entry, time.perf_counter() - started))
-        run.done()
+    m = jobs[0].model
+    stages = dag.plan(jobs, registry)  # one calibration, one statistics pass, one fp32 baseline for all
+    get_run_logger().info("sweep of %d recipes on %s; statistics %s", len(jobs), m.name, stages[1].inputs["statistics"])
+    outputs = run_plan(stages, store, table_artifact_key("sweep-progress", m.name),
+                       f"{m.name}: sweep progress")
+    results = []
+    for job in jobs:
+        out = pipeline.by_role(job, outputs)
+        results.append(pipeline.summarize(open_store(store), out["artifact"], out["entry"], time.perf_counter() - started))
 
     metrics = [results[0]["results"][0]] + [r["results"][1] for r in results]
     errors = {r["results"][1]["recipe"]: pipeline.artifact_json(open_store(store), r["artifact"], "report/layer_errors.json")

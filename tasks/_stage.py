@@ -1,33 +1,21 @@
-"""How every stage task is configured: content-addressed caching, persisted JSON results, and retries
-for transient failures only.
+"""How every stage task is configured: retries for transient failures only, and no Prefect-persisted
+results at all.
 
-Cache key = the task's inputs (small pydantic refs and specs, hashed as JSON) + the task's source + the
-stage version from squeezeflow.pipeline.STAGE_VERSIONS. The flow-run id is NOT part of it, so a new run
-after a crash reuses every finished task. Results are serialized as JSON (never pickle).
+Caching is not Prefect's here: each stage's output is remembered in our artifact store under its inputs'
+key (squeezeflow/memo.py), as JSON, so a rerun after a crash, SIGKILL or SIGTERM finds every finished stage
+whatever Prefect recorded, and no stored record is ever unpickled (a Prefect result record names its own
+serializer, pickle included, and Prefect would honour it on a cache hit). A stage whose output was
+remembered finishes in a Completed state named "Cached", so the UI still shows what was reused.
 """
 from __future__ import annotations
 
 import errno
-import functools
 import os
-import signal
-from dataclasses import dataclass
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import NO_CACHE
 
 from squeezeflow.errors import BadInput, IntegrityError
-from squeezeflow.pipeline import STAGE_VERSIONS
-
-
-@dataclass
-class StageVersion(CachePolicy):
-    """Adds `<stage>:<version>` to the key, so a format change invalidates old results on purpose."""
-
-    stage: str = ""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        return f"{self.stage}:{STAGE_VERSIONS[self.stage]}"
 
 
 def is_transient(task, task_run, state) -> bool:
@@ -40,8 +28,8 @@ def is_transient(task, task_run, state) -> bool:
             exc = e
     if isinstance(exc, (BadInput, IntegrityError, ValueError, TypeError, KeyError)):
         return False
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return False  # a full disk does not empty itself in seconds: fail now, resume after space is freed
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return False  # a full or read-only store does not fix itself in seconds: fail now, resume later
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -55,33 +43,15 @@ def is_transient(task, task_run, state) -> bool:
     return isinstance(exc, (OSError, ConnectionError, TimeoutError))
 
 
-def fault_point(task_name: str) -> None:
-    """Fault injection for the crash tests: SQUEEZEFLOW_FAULT_KILL=<task name> makes the process SIGKILL
-    itself when that task has done its work (outputs written to the store, registry entry published) but
-    before Prefect records it complete: the worst moment for a `kill -9`. Unset in normal runs."""
-    if os.environ.get("SQUEEZEFLOW_FAULT_KILL") == task_name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def stage_task(stage: str, **overrides):
+def stage_task(name: str, **overrides):
+    """`@task` with the stage options: never cached or persisted by Prefect, retried when transient."""
     options = dict(
-        name=stage,
-        cache_policy=INPUTS + TASK_SOURCE + StageVersion(stage=stage),
-        persist_result=True,
-        result_serializer="json",
+        name=name,
+        cache_policy=NO_CACHE,
+        persist_result=False,
         retries=int(os.environ.get("SQUEEZEFLOW_TASK_RETRIES", "2")),
         retry_delay_seconds=[2, 10, 30],
         retry_condition_fn=is_transient,
     )
     options.update(overrides)
-
-    def decorate(fn):
-        @functools.wraps(fn)  # keeps the signature and the source Prefect hashes into the cache key
-        def run(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            fault_point(options["name"])
-            return out
-
-        return task(**options)(run)
-
-    return decorate
+    return task(**options)

@@ -53,18 +53,12 @@ class EnvSnapshot:
         reset_boto3_session()
 
 
-def run_stages(store, plan, base: bool = True) -> dict:
-    """The six stages (publish excluded) as plain functions, no Prefect: what a flow run computes.
-    Returns the stage outputs by name; `base=False` skips the fp32 baseline evaluation."""
+def run_stages(store, job, base: bool = True) -> dict:
+    """The job's plan (publish excluded) run with plain calls, no Prefect: what a flow run computes.
+    Returns the stage outputs by role (calib, stats, blocks, packed, metrics, baseline, artifact)."""
     from squeezeflow import pipeline
 
-    calib = pipeline.calibrate(store, plan.model, plan.calibration)
-    stats = pipeline.saliency(store, plan.model, calib, plan.statistics)
-    blocks, packed = pipeline.compress_to_packed(store, plan, calib, stats)
-    metrics = pipeline.evaluate(store, plan.model, packed, plan.evaluation, plan.recipe.name)
-    baseline = pipeline.evaluate(store, plan.model, None, plan.evaluation, "fp32") if base else metrics
-    artifact = pipeline.assemble(store, plan, calib, stats, blocks, packed, metrics, baseline)
-    return {"calib": calib, "stats": stats, "blocks": blocks, "packed": packed, "metrics": metrics, "artifact": artifact}
+    return pipeline.run_job(job, store)
 
 
 def correlated_layer(out: int = 64, inp: int = 256, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,65 @@
+"""Packing the compressed blocks into an HF-loadable checkpoint in the kernel formats, and the optional
+tuning of that packed checkpoint (QUAD's PEFT)."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from .. import memo
+from ..job import ModelInfo
+from ..methods import get_method
+from ..models import LayerStream
+from ..recipes import Recipe
+from ..store import ArtifactStore, Ref, canonical_json
+
+FORMAT_VERSION = 1
+
+
+def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Ref]) -> Ref:
+    """Bit-pack every compressed block into the kernel format and write an HF-loadable directory.
+    Streamed: one block's tensors are in memory at a time (SafetensorsWriter spools them to disk)."""
+    from ..kernels.formats import packed_tensors
+    from ..safetensors_stream import SafetensorsWriter
+
+    src = Path(model.path)
+    stream = LayerStream(src, model.trust_remote_code)
+    modules: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        with SafetensorsWriter(out / "model.safetensors", metadata={"format": "pt"}) as writer:
+            for i, ref in enumerate(blocks):
+                data = store.get_tensors(ref)
+                layers = json.loads(store.get_tensors_metadata(ref)["layers"])
+                prefix = f"model.layers.{i}"
+                for name, info in layers.items():
+                    fields = {k[len(name) + 1:]: v for k, v in data.items() if k.startswith(name + ".")}
+                    for field, t in packed_tensors(info["format"], **fields, **info["params"]).items():
+                        writer.add(f"{prefix}.{name}.{field}", t)
+                    modules[f"{prefix}.{name}"] = {"format": info["format"], **info["params"]}
+                del data
+                # Everything in the block that is not a compressed linear (norms) is copied as it is.
+                for k, v in stream.block_state(i).items():
+                    if k.rsplit(".", 1)[0] not in layers:
+                        writer.add(f"{prefix}.{k}", v)
+            for prefix in ("model.embed_tokens", "model.norm", "lm_head"):
+                for k, v in stream.tensors(prefix).items():
+                    writer.add(f"{prefix}.{k}", v)
+        config = json.loads((src / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "squeezeflow", "format_version": FORMAT_VERSION,
+                                         "recipe": recipe.name, "modules": modules}
+        (out / "config.json").write_bytes(canonical_json(config))
+        for f in sorted(src.iterdir()):
+            if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
+                shutil.copyfile(f, out / f.name)
+        return store.put_dir(out, kind="packed-model")
+
+
+def tune(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref, packed: Ref) -> Ref:
+    """The packed checkpoint after the method's tuning on the calibration windows (QUAD's PEFT)."""
+    from ..calibration import CalibrationSet
+
+    key = memo.stage_key("tune", {"packed": packed, "calibration": calib, "method": recipe.methods[0]})
+    return memo.stored_dir(store, key, "packed-model", lambda out: get_method(recipe.methods[0]).tune(
+        store.materialize(packed), out, CalibrationSet.get(store, calib).windows))
