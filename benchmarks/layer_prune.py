@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, TRSPConfig, preset
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.methods.layers import TRSPConfig
+from squeezeflow.recipes import preset
 from squeezeflow.settings import store_uri
 from squeezeflow.store import open_store
 
@@ -85,17 +87,18 @@ def main() -> None:
     for name in names:
         plan = pipeline.preflight(ModelRef(ref=args.model), configured(name, args), calibration, evaluation)
         started = time.perf_counter()
-        stats = pipeline.saliency(store, plan.model, calib, plan.statistics)
-        _, packed = pipeline.compress_to_packed(store, plan, calib, stats)
+        out = pipeline.run_job(plan, store, until="pack" if plan.weight_recipe else "restructure")
+        packed, steps = out["packed"], out["steps"]
         compress_s = time.perf_counter() - started
         metrics = store.get_json(pipeline.evaluate(store, plan.model, packed, evaluation, name))
-        steps = pipeline.apply_structure(store, plan, calib)
         row = {"perplexity": metrics["perplexity"], "kl": metrics["kl"], "bits_per_weight": metrics["bits_per_weight"],
                "removed": steps[0].record["removed"], "record": steps[0].record,
                "config": [m.model_dump(mode="json") for m in plan.recipe.methods],
                "compress_seconds": round(compress_s, 1), "seconds": round(time.perf_counter() - started, 1)}
         if plan.structural < len(plan.recipe.methods):
-            row["after_structural"] = pipeline.step_metrics(store, plan.model, steps[-1], evaluation)["perplexity"]
+            from squeezeflow.stages.restructure import step_metrics
+
+            row["after_structural"] = step_metrics(store, plan.model, steps[-1], evaluation)["perplexity"]
         rows[name] = row
         out.write_text(json.dumps(results, indent=1, sort_keys=True))
         print(f"{name}: {row['perplexity']} removed {row['removed']} ({row['seconds']} s)", flush=True)

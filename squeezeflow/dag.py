@@ -186,8 +186,9 @@ def probe(stages: list[Stage], store: str | ArtifactStore) -> list[dict]:
     outputs: dict[str, Any] = {}
     rows = []
     for stage in stages:
-        row = {"id": stage.id, "kind": stage.kind, "after": stage.after, "key": None, "cached": False}
-        if all(u in outputs for u in stage.after):
+        row = {"id": stage.id, "kind": stage.kind, "after": stage.after, "key": None, "cached": False,
+               "ready": all(u in outputs for u in stage.after)}
+        if row["ready"]:
             inputs = resolve(stage.inputs, outputs)
             row["key"] = stage_key(stage.kind, inputs)
             if row["key"] is not None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from prefect.states import Completed
 
-from squeezeflow.dag import Stage, execute
+from squeezeflow import dag
+from squeezeflow.dag import Stage
 from squeezeflow.runners import block_annotations
 from squeezeflow.stages import STAGE_FUNCTIONS
 
@@ -12,7 +13,7 @@ from ._stage import stage_task
 
 
 def _run_stage(store_uri: str, kind: str, inputs: dict):
-    value, remembered = execute(store_uri, kind, inputs)
+    value, remembered = dag.execute(store_uri, kind, inputs)
     return Completed(data=value, name="Cached") if remembered else value
 
 

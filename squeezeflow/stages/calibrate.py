@@ -10,14 +10,14 @@ from ..stats import StatsRef
 from ..store import ArtifactStore, Ref
 
 
-def calibrate(store: ArtifactStore, model: ModelInfo, spec: CalibrationSpec, text_sha256: str) -> Ref:
+def calibrate(store: ArtifactStore, model: ModelInfo, spec: CalibrationSpec, text_sha256: str | None = None) -> Ref:
     """Sample calibration windows; the provenance (source hash, tokenizer, seed) rides in the metadata.
     `text_sha256` (from preflight) keys the stage by the text's content, not the source's name."""
     from ..calibration import build_calibration_set
 
     tokenizer = load_tokenizer(Path(model.path), model.trust_remote_code)
     calib = build_calibration_set(spec.source, tokenizer, spec.n_samples, spec.seqlen, spec.seed)
-    if calib.provenance.get("text_sha256") not in (None, text_sha256):
+    if text_sha256 is not None and calib.provenance.get("text_sha256") not in (None, text_sha256):
         from ..errors import BadInput
 
         raise BadInput(f"calibration source {spec.source!r} changed while the run was starting; run it again")

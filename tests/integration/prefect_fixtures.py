@@ -257,6 +257,9 @@ def stop_worker_and_runs(worker, run_ids) -> None:
 # interpreter, so pytest's own process never hosts a flow run.
 _RUN_FLOW = """
 import importlib, json, sys
+if len(sys.argv) > 4:  # test-only fault injection: SIGKILL after the named task's stage has run
+    sys.path.insert(0, sys.argv[5])
+    importlib.import_module("fault_flows").install_kill_after(sys.argv[4])
 module, name = sys.argv[3].split(":")
 state = getattr(importlib.import_module(module), name)(**json.loads(sys.argv[1]), return_state=True)
 out = {"completed": state.is_completed(), "state": repr(state), "flow_run_id": str(state.state_details.flow_run_id),

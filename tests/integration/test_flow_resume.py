@@ -5,7 +5,7 @@
    as soon as the API shows at least one (not every) compress task COMPLETED, SIGKILL the flow run's
    process. The worker must report the run CRASHED; it must never be COMPLETED.
 3. A new run of the deployment with the same parameters resumes: the blocks finished before the kill,
-   and calibrate / saliency, come back as `Cached`, the rest run, and the run completes.
+   and calibrate / statistics, come back as `Cached`, the rest run, and the run completes.
 4. The same flow called directly (`compress_flow(...)`, no deployment or worker; in a child interpreter so
    that pytest's own process never hosts a flow run), uninterrupted, into a fresh store (nothing cached)
    and a fresh registry prefix, gives a byte-identical artifact (every file's sha256, manifest.json
@@ -121,13 +121,13 @@ def test_killed_run_resumes_from_cache_and_matches_uninterrupted_run(
 
     try:
         create_process_pool(pool)
-        deployment_id = flow.from_source(source=str(REPO), entrypoint="flows/compress.py:compress_flow").deploy(
+        deployment_id = flow.from_source(source=str(REPO), entrypoint="tests/integration/fault_flows.py:compress_flow").deploy(
             name=deployment, work_pool_name=pool, ignore_warnings=True, print_next_steps=False)
         mark(f"deployed compress/{deployment} ({deployment_id}) to process pool {pool}")
 
         # One compress task at a time, so the kill lands between blocks rather than after all of them.
         worker = ProcessWorker(pool, tmp_path / "worker.log", cwd=tmp_path, env=worker_env(
-            SQUEEZEFLOW_FAULT_COMPRESS_DELAY_S=FAULT_DELAY_S, PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS="1"))
+            SQUEEZEFLOW_TEST_COMPRESS_DELAY_S=FAULT_DELAY_S, PREFECT_TASK_RUNNER_THREAD_POOL_MAX_WORKERS="1"))
 
         # --- run 1: killed mid-compress -------------------------------------------------------------
         first = run_deployment(f"compress/{deployment}", parameters=params, timeout=0)
@@ -174,7 +174,7 @@ def test_killed_run_resumes_from_cache_and_matches_uninterrupted_run(
 
         # --- run 2: same parameters, no delay; resumes from the cached tasks -------------------------
         second = run_deployment(f"compress/{deployment}", parameters=params, timeout=0,
-                                job_variables={"env": {"SQUEEZEFLOW_FAULT_COMPRESS_DELAY_S": "0"}})
+                                job_variables={"env": {"SQUEEZEFLOW_TEST_COMPRESS_DELAY_S": "0"}})
         flow_run_ids.append(second.id)
         mark(f"run 2 {second.id} created")
 
@@ -196,10 +196,10 @@ def test_killed_run_resumes_from_cache_and_matches_uninterrupted_run(
         assert all(tr.state.type == StateType.COMPLETED for tr in compress2), states
         assert completed_before <= len(cached) < TINY_LAYERS, (completed_before, states)
         assert len(cached) + len(executed) == TINY_LAYERS, states
-        for stage in ("calibrate", "saliency"):
+        for stage in ("calibrate", "statistics"):
             assert states.get(stage) == ["COMPLETED/Cached"], states
         mark(f"resume reused {len(cached)}/{TINY_LAYERS} compress blocks (API saw {completed_before} "
-             f"completed before the kill); calibrate + saliency Cached")
+             f"completed before the kill); calibrate + statistics Cached")
         worker.stop()
 
         registry = Registry(registry_uri)

@@ -40,7 +40,7 @@ def test_sweep_shares_stages_and_repeats_from_cache(prefect_server, s3_server, t
     counts = {}
     for tr in runs:
         counts[task_name(tr)] = counts.get(task_name(tr), 0) + 1
-    assert counts["calibrate"] == 1 and counts["saliency"] == 1, states_by_task(runs)
+    assert counts["calibrate"] == 1 and counts["statistics"] == 1, states_by_task(runs)
     assert counts["evaluate"] == 1 + len(RECIPES)  # the fp32 baseline once, each packed model once
     assert [m["recipe"] for m in first["result"]["results"]] == ["fp32", *RECIPES]
     assert all(m["uri"] for m in first["result"]["results"][1:])
