@@ -6,6 +6,8 @@ import multiprocessing
 import os
 import re
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from squeezeflow import services
 from squeezeflow.errors import BadInput
+from squeezeflow.service_procs import proc_start_time
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +175,172 @@ def test_embedded_prefect_server(fresh_services: Path, monkeypatch: pytest.Monke
     assert process_gone(st["pid"])
     with pytest.raises(OSError):
         urllib.request.urlopen(url + "/health", timeout=2)
+
+
+# --- corrupt or lying state files, private files ------------------------------------------------------
+
+def run_cli(args: list[str], services_dir: Path) -> subprocess.CompletedProcess:
+    """The CLI in a child with only the embedded services dir configured (no S3 endpoint, no keys)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*services.S3_ENDPOINT_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SQUEEZEFLOW_REGISTRY")}
+    env["SQUEEZEFLOW_SERVICES"] = str(services_dir)
+    return subprocess.run([sys.executable, "-m", "squeezeflow.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def assert_one_line_exit_2(p: subprocess.CompletedProcess, needle: str) -> None:
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], (p.returncode, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr
+
+
+CORRUPT_STATES = {
+    "not JSON": b"{\"pid\": 12",
+    "binary": b"\x00\xff\xfe garbage",
+    "a list": b"[1, 2]",
+    "pid a string": b'{"pid": "1234", "ports": {}}',
+    "pid a bool": b'{"pid": true}',
+    "port out of range": b'{"ports": {"s3": 70000}}',
+    "ports a list": b'{"ports": [9000]}',
+    "oversized": b'{"x": "' + b"a" * 200_000 + b'"}',
+}
+
+
+def test_corrupt_state_never_starts_a_second_server_and_stop_still_stops(fresh_services: Path):
+    pid = services.ensure_s3()["pid"]
+    data_dir = Path(services.status()["seaweedfs"]["data_dir"])
+    state_file = fresh_services / "seaweedfs" / "state.json"
+    good = state_file.read_bytes()
+    for label, raw in CORRUPT_STATES.items():
+        state_file.write_bytes(raw)
+        with pytest.raises(BadInput, match=re.escape(str(state_file)) + ".* is corrupt") as e:
+            services.ensure_s3()
+        assert "\n" not in str(e.value), label
+        with pytest.raises(BadInput, match="is corrupt"):
+            services.status()
+        assert weed_pids(data_dir) == [pid], label  # the one server, untouched
+    state_file.unlink()
+    state_file.mkdir()  # not even a file
+    with pytest.raises(BadInput, match="not a regular file"):
+        services.ensure_s3()
+    state_file.rmdir()
+
+    # Through the CLI: one line, exit 2, for the commands that start a server and for status.
+    state_file.write_bytes(CORRUPT_STATES["not JSON"])
+    assert_one_line_exit_2(run_cli(["registry", "list"], fresh_services), "is corrupt")
+    assert_one_line_exit_2(run_cli(["services", "status"], fresh_services), "is corrupt")
+    assert weed_pids(data_dir) == [pid]
+
+    # `services stop` finds the server through its lock, stops it and resets the corrupt file.
+    p = run_cli(["services", "stop"], fresh_services)
+    assert p.returncode == 0, p.stderr
+    assert process_gone(pid) and weed_pids(data_dir) == []
+    assert not state_file.exists() or json.loads(state_file.read_text()).get("pid") is None
+    assert not services.status()["seaweedfs"]["running"]
+    state_file.write_bytes(good)  # the remembered ports again: a restart still works, on them
+    info = services.ensure_s3()
+    assert info["pid"] != pid and weed_pids(data_dir) == [info["pid"]]
+
+
+def test_a_state_file_that_lies_cannot_start_a_second_server_or_stop_a_stranger(fresh_services: Path):
+    first = services.ensure_s3()
+    data_dir = Path(services.status()["seaweedfs"]["data_dir"])
+    state_file = fresh_services / "seaweedfs" / "state.json"
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        # A well-formed state that names an unrelated process (with its real start time) as the server.
+        state = json.loads(state_file.read_text())
+        state.update(pid=stranger.pid, pid_start=proc_start_time(stranger.pid))
+        state_file.write_text(json.dumps(state))
+        assert services.status()["seaweedfs"]["pid"] == first["pid"]  # the lock holder, not the state's pid
+        assert services.stop("seaweedfs") == {"seaweedfs": True}
+        assert process_gone(first["pid"]) and stranger.poll() is None
+
+        # A state without the pid while the server runs: the next start replaces it, never runs two.
+        second = services.ensure_s3()
+        state = json.loads(state_file.read_text())
+        del state["pid"]
+        state_file.write_text(json.dumps(state))
+        third = services.ensure_s3()
+        assert process_gone(second["pid"]) and weed_pids(data_dir) == [third["pid"]]
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+CORRUPT_CREDENTIALS = {
+    "not JSON": b"{identities",
+    "no identities": b'{"users": []}',
+    "short secret": b'{"identities": [{"name": "x", "credentials": [{"accessKey": "SQFAAAAAAAAAAAAAAAAA", "secretKey": "x"}]}]}',
+    "an extra identity": json.dumps({"identities": [
+        {"name": "squeezeflow", "credentials": [{"accessKey": "SQFAAAAAAAAAAAAAAAAA", "secretKey": "s" * 40}]},
+        {"name": "anonymous", "actions": ["Write"]}]}).encode(),
+}
+
+
+def test_corrupt_credentials_or_keys_are_one_line_before_any_start(fresh_services: Path):
+    cred_file = fresh_services / "s3-credentials.json"
+    fresh_services.mkdir()
+    for label, raw in CORRUPT_CREDENTIALS.items():
+        cred_file.write_bytes(raw)
+        with pytest.raises(BadInput, match=re.escape(str(cred_file)) + " is corrupt"):
+            services.ensure_s3()
+    assert_one_line_exit_2(run_cli(["registry", "list"], fresh_services), "credentials file")
+    assert not (fresh_services / "seaweedfs" / "data").exists()  # nothing was started
+    cred_file.unlink()
+
+    info = services.ensure_s3()  # new credentials and keys, made at the first start
+    services.stop("seaweedfs")
+    conf = fresh_services / "seaweedfs" / "conf"
+    toml = conf / "security.toml"
+    good = toml.read_text()
+    for label, text in {"a JWT key removed": re.sub(r'(?m)^key = "[^"]+"$', 'key = ""', good, count=1),
+                        "not TOML": good + "[[[", "TLS switched off": good.split("[grpc]")[0]}.items():
+        toml.write_text(text)
+        with pytest.raises(BadInput, match=re.escape(str(conf)) + " is corrupt"):
+            services.ensure_s3()
+    toml.write_text(good)
+    (conf / "node.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(BadInput, match="is corrupt .certificates"):
+        services.ensure_s3()
+    assert weed_pids(Path(info["log"]).parent / "data") == []
+
+
+def test_state_credentials_and_keys_are_private(s3_server: dict):
+    services_dir = s3_server["services_dir"]
+    private = [services_dir / "s3-credentials.json", services_dir / "seaweedfs" / "state.json",
+               services_dir / "seaweedfs" / "server.log", *(services_dir / "seaweedfs" / "conf").iterdir()]
+    assert len(private) >= 7
+    for f in private:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    for d in (services_dir, services_dir / "seaweedfs", services_dir / "seaweedfs" / "conf"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    # The JWT keys and the TLS key never reach the log, a command line or the server's environment.
+    conf = services_dir / "seaweedfs" / "conf"
+    secrets = re.findall(r'(?m)^key = "([^"/]+)"$', (conf / "security.toml").read_text())  # not key paths
+    assert len(secrets) == 4
+    tls_key = (conf / "node.key").read_text().split("-----")[2].strip()
+    exposed = (Path(s3_server["log"]).read_bytes() + Path(f"/proc/{s3_server['pid']}/cmdline").read_bytes()
+               + Path(f"/proc/{s3_server['pid']}/environ").read_bytes())
+    for secret in [*secrets, tls_key.splitlines()[0]]:
+        assert secret.encode() not in exposed
+
+
+def test_protection_that_does_not_load_fails_the_start(fresh_services: Path, monkeypatch: pytest.MonkeyPatch):
+    """SeaweedFS quietly serves plaintext gRPC when it cannot use its certificates: the start must fail."""
+    from squeezeflow import seaweedfs
+
+    real = seaweedfs.security_config
+
+    def without_tls() -> Path:
+        conf = real()
+        text = (conf / "security.toml").read_text()
+        (conf / "security.toml").write_text(text.split("[grpc]")[0])  # keys, but no TLS sections
+        return conf
+
+    monkeypatch.setattr(seaweedfs, "security_config", without_tls)
+    with pytest.raises(services.ServiceError, match="without its protection on .*grpc"):
+        services.ensure_s3()
+    data_dir = fresh_services / "seaweedfs" / "data"
+    assert weed_pids(data_dir) == [] and not services.status()["seaweedfs"]["running"]
