@@ -59,7 +59,9 @@ class AliasMixin:
                 if not isinstance(record, dict) or _valid_seq(record.get("seq")) is None:
                     warn(f"skipped alias history record s3://{self.loc.bucket}/{key}: not a valid record")
                     continue
-                records[record["seq"]] = record
+                previous = record.get("previous")
+                records[record["seq"]] = {**_history_record(record),
+                                          "previous": previous if isinstance(previous, dict) else None}
             # The current position is logged by the move that leaves it (see _move_alias): add it here.
             current, _, problem = self._read_alias(model, recipe, alias)
             if problem:

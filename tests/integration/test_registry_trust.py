@@ -374,6 +374,12 @@ def test_list_survives_bad_entries(registry, env, tmp_path, capsys):
     code, out, err = cli(capsys, "registry", "list", "--registry", registry.uri)
     refused(code == 0 and good.uri in out and ESC not in out + err)
     assert registry.history(MODEL, RECIPE, "latest")[-1]["uri"] == good.uri  # the bad record is skipped
+    # A well-numbered record with malformed fields is shown with them neutralized, not a traceback.
+    put(registry, registry.loc.key("alias-history", MODEL, RECIPE, "latest", "0000000008.json"),
+        canonical_json({"seq": 8, "uri": good.uri, "previous": "not a pointer", "updated": 5}))
+    for argv in (["registry", "history", f"{MODEL}/{RECIPE}@latest"], ["registry", "promote", good.uri, "--alias", "latest"]):
+        code, out, err = cli(capsys, *argv, "--registry", registry.uri)
+        refused(code == 0 and "Traceback" not in err)
 
 
 # --- destinations ------------------------------------------------------------------------------------
