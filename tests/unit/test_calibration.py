@@ -264,3 +264,51 @@ def test_s3_errors(moto_s3):
     moto_s3.put_object(Bucket="corpus", Key="bad/x.jsonl", Body=b'{"text": "ok"}\n{"txt": 1}\n')
     with pytest.raises(BadInput, match=r"s3://corpus/bad/x.jsonl: line 2"):
         cal.load_text("s3://corpus/bad")
+
+
+# --- sources are identified by their text, never by their name ------------------------------------
+def test_source_digest_is_the_texts_sha256(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(long_text(600))
+    first = cal.source_digest(str(p))
+    assert first == cal.load_text(str(p)).sha256
+    p.write_text(long_text(600).replace("fox", "cat"))   # same path, new text
+    assert cal.source_digest(str(p)) != first
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "only.txt").write_text(p.read_text())   # same text by another route
+    assert cal.source_digest(str(tmp_path / "d")) == cal.source_digest(str(p))
+    with pytest.raises(BadInput, match="not found"):
+        cal.source_digest(str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_non_regular_calibration_path_is_one_line(kind, tmp_path):
+    import os
+
+    p = tmp_path / "corpus.txt"
+    os.mkfifo(p) if kind == "fifo" else p.symlink_to("/dev/zero")
+    with pytest.raises(BadInput, match="not a regular file"):
+        cal.load_text(str(p))
+
+
+def test_a_rerun_after_the_calibration_file_changed_uses_the_new_text(tiny_model, tmp_path):
+    """The reported case: a calibration file edited between two runs; the second run's calibrate
+    stage must sample the new text, not reuse the windows remembered for the old one."""
+    from squeezeflow import dag, job
+    from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+    from squeezeflow.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    corpus = tmp_path / "corpus.txt"
+    spec, ev = CalibrationSpec(source=str(corpus), n_samples=2, seqlen=16, seed=0), EvalSpec(seqlen=16, max_windows=1)
+
+    def calibrate_once():
+        stage = dag.plan(job.preflight(ModelRef(ref=str(tiny_model)), "rtn-w4g32", spec, ev))[0]
+        assert stage.kind == "calibrate"
+        ref, _ = dag.execute(store, "calibrate", stage.inputs)
+        return cal.CalibrationSet.get(store, ref).provenance["text_sha256"]
+
+    corpus.write_text(long_text(600))
+    assert calibrate_once() == cal.source_digest(str(corpus))
+    corpus.write_text(long_text(600).replace("fox", "cat"))
+    assert calibrate_once() == cal.source_digest(str(corpus))
