@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import BadInput, IntegrityError
 from .store import check_store
 from .terminal import safe_text
+from .strict_types import int_in
 
 DEMO_RECIPES = ("rtn-w4g64", "rtn-w3g64")
 # Sized so the first demo finishes in well under 15 minutes on 2 cores (see README).
@@ -160,7 +161,7 @@ def _metrics_list(results: list[dict]) -> list[dict]:
 
 
 def cmd_compress(args) -> int:
-    from .config import load_recipe
+    from .recipes import load_recipe
 
     model_ref, calib, evaluation = _specs(args)
     runner = _runner_spec(args)
@@ -212,57 +213,6 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _local_base(manifest: dict) -> Path | None:
-    """The artifact's base model, if its ModelRef resolves on this machine (for KL and speed ratios)."""
-    from .models import resolve_model
-
-    try:
-        base = resolve_model(manifest["lineage"]["model"]["ref"])
-    except (BadInput, KeyError, OSError):
-        return None
-    return base.path if base.fingerprint == manifest["lineage"]["model"]["fingerprint"] else None
-
-
-def cmd_eval(args) -> int:
-    """Re-evaluate a published (or local) artifact with the protocol recorded in its manifest."""
-    from . import pipeline
-    from .config import EvalSpec
-    from .models import pull_artifact
-    from .registry import verify_dir
-
-    path = Path(args.artifact) if Path(args.artifact).is_dir() else pull_artifact(args.artifact)
-    manifest = verify_dir(path)
-    recorded = manifest["metrics"]
-    protocols = recorded["protocol"]["evaluation"]
-    first = next(iter(protocols.values()))
-    spec = EvalSpec(splits=tuple(protocols), seqlen=first["seqlen"],
-                    max_windows=args.eval_windows or max(p["windows"] for p in protocols.values()),
-                    kl_windows=args.kl_windows, cloze_items=args.cloze_items)
-    base = _local_base(manifest)
-    info = pipeline.ModelInfo(ref=args.artifact, name=manifest["model"], path=str(base or path), fingerprint="-",
-                              num_layers=0)
-    metrics = pipeline.evaluate_path(path, info, spec, manifest["recipe"])
-    if args.speed:
-        if base is None:
-            raise BadInput("--speed needs the base model on this machine (its ModelRef did not resolve)")
-        from .evaluation.speed import speed_ratios
-        from .models import load_model
-
-        net = load_model(path)
-        for m in net.modules():
-            if hasattr(m, "cache_dequantized"):
-                m.cache_dequantized = True
-        metrics["speed"] = speed_ratios(net, load_model(base))
-    metrics["uri"] = args.artifact
-    if args.json:
-        _print_json({"results": [metrics], "recorded": recorded})
-    else:
-        for split, ppl in metrics["perplexity"].items():
-            print(f"{split}: perplexity {ppl:.4f} (recorded {recorded['perplexity'].get(split, float('nan')):.4f})")
-        print(f"bits/weight {metrics['bits_per_weight']:.3f}, size {metrics['size_bytes'] / 2**20:.1f} MiB")
-    return 0
-
-
 def cmd_deploy(args) -> int:
     """Register compress, sweep and recalibrate-nightly (cron) as deployments on a process work pool of the
     configured server."""
@@ -283,108 +233,6 @@ def cmd_deploy(args) -> int:
             print(f"deployment {name}/{name} ({d['id']}) on pool {args.pool}{when}")
         print(f"start a worker: prefect worker start --pool {args.pool} --type process")
     return 0
-
-
-def _registry(args):
-    from .registry import open_registry
-    from .s3 import check_reachable
-
-    reg = open_registry(args.registry or None, require_signature=args.require_signature or None,
-                        trusted_keys=args.trusted_key)
-    if args.action in ("pull", "promote") or args.require_signature:
-        reg.trust  # a bad or incomplete trust configuration is one line before any download
-    check_reachable(reg.uri)
-    return reg
-
-
-def cmd_registry(args) -> int:
-    from .terminal import safe_text as t
-
-    if args.action == "keygen":
-        return _keygen(args)
-    if args.action != "list" and not args.ref:
-        raise BadInput(f"registry {args.action} needs a REF (s3:// entry URI, model/recipe@alias or model/recipe)")
-    if args.action == "pull" and not args.dest:
-        raise BadInput("registry pull needs --dest DIR")
-    if args.action == "promote" and not args.alias:
-        raise BadInput("registry promote needs --alias NAME")
-    reg = _registry(args)
-    # Everything printed below comes from the registry: escaped (t), or JSON (which escapes by itself).
-    if args.action == "list":
-        entries = reg.list()
-        if args.json:
-            _print_json({"artifacts": entries})
-        else:
-            for e in entries:
-                ppl = e["metrics"].get("perplexity")
-                ppl = ppl if isinstance(ppl, dict) else {}
-                print(t(f"{e['uri']}  {','.join(e['aliases'])}  "
-                        + "  ".join(f"{k}={v:.3f}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in ppl.items())))
-    elif args.action == "show":
-        _print_json(reg.show(args.ref))
-    elif args.action == "pull":
-        from .registry import check_dest
-
-        path = reg.pull(args.ref, check_dest(Path(args.dest)))
-        _print_json({"path": str(path)}) if args.json else print(t(path))
-    elif args.action == "promote":
-        entry = reg.promote(args.ref, args.alias)
-        # The move just made (or, for a no-op promote, the one that put the alias there already).
-        moves = [h for h in reg.history(entry.model, entry.recipe, args.alias) if h["uri"] == entry.uri]
-        previous = (moves[-1].get("previous") or {}) if moves else {}
-        out = {"model": entry.model, "recipe": entry.recipe, "alias": args.alias, "uri": entry.uri,
-               "artifact_id": entry.artifact_id, "previous": previous.get("uri")}
-        if args.json:
-            _print_json(out)
-        else:
-            print(f"{entry.model}/{entry.recipe}@{args.alias} -> {entry.artifact_id} ({entry.uri})")
-            print(t(f"  was: {previous.get('artifact_id')} ({previous['uri']})") if previous.get("uri")
-                  else "  was: (new alias)")
-    elif args.action == "history":
-        model, recipe, alias = _alias_ref(reg, args.ref, args.alias)
-        records = reg.history(model, recipe, alias)
-        if args.json:
-            _print_json({"model": model, "recipe": recipe, "alias": alias, "history": records})
-        elif not records:
-            print(f"{model}/{recipe}@{alias}: never set")
-        else:
-            for h in records:
-                was = (h.get("previous") or {}).get("artifact_id") or "-"
-                print(t(f"{h['seq']:>4}  {h.get('updated')}  {h.get('artifact_id')}  (was {was})  {h.get('uri')}"))
-    return 0
-
-
-def _keygen(args) -> int:
-    from .signing import write_keypair
-
-    if not args.dest:
-        raise BadInput("registry keygen needs --dest DIR (where signing-key.pem and signing-key.pub.pem go)")
-    private, public, kid = write_keypair(Path(args.dest).expanduser())
-    if args.json:
-        _print_json({"key_id": kid, "private_key": str(private), "public_key": str(public)})
-    else:  # paths only: the key itself is never printed
-        print(f"key {kid}\n  private (keep secret, mode 0600): {private}\n  public: {public}\n"
-              f"publishers: export SQUEEZEFLOW_SIGNING_KEY={private}\n"
-              f"consumers:  export SQUEEZEFLOW_TRUSTED_KEYS={public} SQUEEZEFLOW_REQUIRE_SIGNATURE=1")
-    return 0
-
-
-def _alias_ref(reg, ref: str, alias: str | None) -> tuple[str, str, str]:
-    """(model, recipe, alias) from `model/recipe[@alias]` or an entry ref, and --alias (default production)."""
-    from .registry import check_name
-
-    path, at, ref_alias = ref.partition("@")
-    if at and alias and alias != ref_alias:
-        raise BadInput(f"{ref!r} names alias {ref_alias!r} but --alias says {alias!r}; give one")
-    alias = alias or ref_alias or "production"
-    check_name("alias", alias)
-    if not path.startswith("s3://") and path.count("/") == 1:
-        model, recipe = path.split("/")
-        check_name("model", model)
-        check_name("recipe", recipe)
-        return model, recipe, alias
-    model, recipe = reg.resolve(path).rsplit("/", 3)[1:3]  # an entry: .../models/<model>/<recipe>/<id>
-    return model, recipe, alias
 
 
 def cmd_export(args) -> int:
@@ -415,11 +263,11 @@ def cmd_services(args) -> int:
 # Parser
 # ------------------------------------------------------------------------------------------------
 def _run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-samples", type=int, help="calibration windows (default 128; demo 64)")
-    p.add_argument("--seqlen", type=int, help="tokens per calibration and evaluation window (default 512)")
+    p.add_argument("--calib-samples", type=int_in(1, 100_000), help="calibration windows (default 128; demo 64)")
+    p.add_argument("--seqlen", type=int_in(16, 1 << 20), help="tokens per calibration and evaluation window (default 512)")
     p.add_argument("--calibration", help="calibration source: named split, .txt/.jsonl file or dir, s3:// prefix")
-    p.add_argument("--eval-windows", type=int, help="evaluation windows per held-out split (default 16)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--eval-windows", type=int_in(1, 1_000_000), help="evaluation windows per held-out split (default 16)")
+    p.add_argument("--seed", type=int_in(0, 2**63 - 1))
     p.add_argument("--registry", help="s3://bucket/prefix (default: the embedded SeaweedFS server)")
     p.add_argument("--store", help="artifact store: local dir or s3://bucket/prefix")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
@@ -431,7 +279,7 @@ def _runner_flags(p: argparse.ArgumentParser) -> None:
     # No argparse `choices` for --runner: runners.parse_runner gives the one-line error, also for API callers.
     p.add_argument("--runner", help="where per-block tasks run: default (Prefect threads) or dask")
     p.add_argument("--dask-address", help="tcp://host:port of a running Dask scheduler (default: a local cluster)")
-    p.add_argument("--dask-workers", type=int, help="local Dask cluster size (default: one per GPU, else 2)")
+    p.add_argument("--dask-workers", type=int_in(1, 1024), help="local Dask cluster size (default: one per GPU, else 2)")
 
 
 def _runner_spec(args):
@@ -490,11 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     _runner_flags(comp)
     comp.set_defaults(fn=cmd_compress)
 
+    from .cli_plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub, _run_flags)
+
+    from .cli_eval import cmd_eval
+
     ev = sub.add_parser("eval", help="re-evaluate an artifact with the protocol in its manifest")
     ev.add_argument("artifact", help="local artifact dir, s3:// entry URI or model/recipe@alias")
-    ev.add_argument("--eval-windows", type=int, help="override the number of windows per split")
-    ev.add_argument("--kl-windows", type=int, default=4, help="windows per split for KL / top-1 vs the base")
-    ev.add_argument("--cloze-items", type=int, default=0, help="items per zero-shot cloze task (0 = skip)")
+    ev.add_argument("--eval-windows", type=int_in(1, 1_000_000), help="override the number of windows per split")
+    ev.add_argument("--kl-windows", type=int_in(0, 1_000_000), default=4, help="windows per split for KL / top-1 vs the base")
+    ev.add_argument("--cloze-items", type=int_in(0, 1_000_000), default=0, help="items per zero-shot cloze task (0 = skip)")
     ev.add_argument("--speed", action="store_true", help="prefill/decode tokens/s against the base, as ratios")
     ev.set_defaults(fn=cmd_eval)
 
@@ -513,17 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     _runner_flags(sw)
     sw.set_defaults(fn=cmd_sweep)
 
-    reg = sub.add_parser("registry", help="list, show, pull, promote artifacts; alias history; signing keys")
-    reg.add_argument("action", choices=["list", "show", "pull", "promote", "history", "keygen"])
-    reg.add_argument("ref", nargs="?", help="s3:// entry URI or model/recipe@alias (history: model/recipe)")
-    reg.add_argument("--dest", help="pull: the directory to create; keygen: where the key files go")
-    reg.add_argument("--require-signature", action="store_true",
-                     help="refuse entries not signed by a trusted key (default: $SQUEEZEFLOW_REQUIRE_SIGNATURE)")
-    reg.add_argument("--trusted-key", action="append", default=[], metavar="PEM_FILE",
-                     help="a trusted public key, besides $SQUEEZEFLOW_TRUSTED_KEYS (repeatable)")
-    reg.add_argument("--alias", help="promote: the alias to move; history: whose moves (default production)")
-    reg.add_argument("--registry")
-    reg.set_defaults(fn=cmd_registry)
+    from .cli_registry import add_parser as add_registry_parser
+
+    add_registry_parser(sub)
 
     exp = sub.add_parser("export", help="write an artifact in another runtime's format (vLLM: compressed-tensors)")
     exp.add_argument("artifact", help="artifact directory, s3:// entry URI or model/recipe@alias")

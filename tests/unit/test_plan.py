@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from squeezeflow import dag, pipeline
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
