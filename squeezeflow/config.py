@@ -10,10 +10,17 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import BadInput
+from .strict_types import refuse_coercion
 
 
 class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_coercion(cls, data):
+        """`group_size: true`, `bits: "4"`, `damp: .nan` are refused, not turned into 1, 4 and NaN."""
+        return refuse_coercion(cls, data)
 
 
 class ModelRef(Spec):
@@ -460,11 +467,13 @@ def load_recipe(spec: str) -> Recipe:
         if spec.endswith((".yaml", ".yml")):
             import yaml
 
+            from .yaml_safe import load_yaml_file
+
             path = Path(spec)
-            if not path.is_file():
+            if not (path.exists() or path.is_symlink()):  # a FIFO or a loop: load_yaml_file names it
                 raise BadInput(f"recipe file {spec!r} does not exist")
             try:
-                data = yaml.safe_load(path.read_text())
+                data = load_yaml_file(path, what="recipe file")  # strict: no duplicate keys, aliases, huge files
             except yaml.YAMLError as e:  # one line: where and what, not the parser's multi-line excerpt
                 mark = getattr(e, "problem_mark", None)
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -98,3 +98,43 @@ def test_intpack_unpack(data, bits, n):
     assert codes.shape == (1, n)
     assert n == 0 or (int(codes.min()) >= 0 and int(codes.max()) < 2 ** bits)
 
+
+
+header_entries = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "F16", "BF16", "I8", "U8", "Q4", ""]) | json_values,
+    "shape": st.lists(st.integers(-2, 6), max_size=3) | json_values,
+    "data_offsets": st.lists(st.integers(-4, 300), min_size=2, max_size=2) | json_values,
+})
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=8), header_entries | json_values, max_size=4), st.binary(max_size=300),
+       st.integers(-16, 16))
+def test_safetensors_headers(tmp_path, header, data, length_delta):
+    """Any header, any data, a wrong header length: read_header gives BadInput and nothing else, and what it
+    accepts the safetensors library opens too (it is never looser than the format)."""
+    from safetensors import safe_open
+
+    from squeezeflow.checkpoint_check import read_header
+
+    raw = json.dumps(header).encode()
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(max(0, len(raw) + length_delta).to_bytes(8, "little") + raw + data)
+    try:
+        tensors = read_header(f, "weights")
+    except BadInput:
+        return
+    with safe_open(f, "np") as st_file:
+        assert sorted(st_file.keys()) == sorted(tensors)
+
+
+@FUZZ
+@given(st.text(max_size=200) | json_values.map(lambda v: json.dumps(v)))
+def test_recipe_yaml_refusals_are_bad_input(tmp_path, text):
+    """A recipe file is a Recipe or a BadInput: never a TypeError, RecursionError or bare ValueError."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    try:
+        load_recipe(str(path))
+    except BadInput:
+        pass
