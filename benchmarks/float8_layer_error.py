@@ -18,7 +18,7 @@ import json
 import torch
 
 from squeezeflow.calibration import load_text, sample_windows, tokenize_source
-from squeezeflow.config import FP8Config, RF8Config
+from squeezeflow.methods.gg import FP8Config, RF8Config
 from squeezeflow.kernels import fp8_linear, rf8_linear
 from squeezeflow.methods import get_method
 from squeezeflow.models import decoder_linears, load_model, load_tokenizer, prepare_model

@@ -1,4 +1,4 @@
-"""GGD shape and scale of every weight matrix of a checkpoint (moment matching, squeezeflow.methods.ggd):
+"""GGD shape and scale of every weight matrix of a checkpoint (moment matching, squeezeflow.methods.gg.ggd):
 a markdown table, a JSON file and a plot of ν per decoder layer.
 
     .venv/bin/python benchmarks/ggd_fit.py [--model smollm2-135m] [--out benchmarks/results/ggd_fit]
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ggd_fit"), help="path prefix")
     args = ap.parse_args(argv)
 
-    from squeezeflow.methods import ggd
+    from squeezeflow.methods.gg import ggd
     from squeezeflow.models import resolve_model
 
     path = resolve_model(args.model).path

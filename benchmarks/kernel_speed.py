@@ -134,7 +134,7 @@ def micro(device: torch.device, dtype: torch.dtype, shapes, batches, formats, bu
 # ---- end to end ---------------------------------------------------------------------------------
 def rtn_pack(model: torch.nn.Module, bits: int = 4, group_size: int = 64, cached: bool = False) -> torch.nn.Module:
     """Every decoder-block linear replaced by its RTN (min-max, asymmetric) intq module, in place."""
-    from squeezeflow.methods.rtn import quantize_groupwise
+    from squeezeflow.methods.intq.rtn import quantize_groupwise
     from squeezeflow.models import decoder_linears
 
     for layer in model.model.layers:

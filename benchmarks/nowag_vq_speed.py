@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from squeezeflow.config import load_recipe  # noqa: E402
+from squeezeflow.recipes import load_recipe  # noqa: E402
 from squeezeflow.methods import get_method  # noqa: E402
 from squeezeflow.models import LayerStream, decoder_linears, load_tokenizer, resolve_model  # noqa: E402
 from squeezeflow.pipeline import reconstruction_errors  # noqa: E402

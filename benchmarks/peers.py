@@ -278,7 +278,7 @@ def ensure_peer_venv(venv: Path) -> tuple[Path, dict]:
 
 def our_method_available(recipe: str) -> str | None:
     """None if this checkout's get_method builds the recipe's method, else why not."""
-    from squeezeflow.config import load_recipe
+    from squeezeflow.recipes import load_recipe
     from squeezeflow.methods import get_method
 
     try:
@@ -426,7 +426,8 @@ def main(argv: list[str]) -> int:
 
     from squeezeflow import pipeline
     from squeezeflow.calibration import CalibrationSet
-    from squeezeflow.config import ModelRef, load_recipe
+    from squeezeflow.config import ModelRef
+    from squeezeflow.recipes import load_recipe
     from squeezeflow.store import open_store
 
     for r in recipes:

@@ -16,7 +16,7 @@ import math
 import torch
 
 from squeezeflow.calibration import load_text, sample_windows, tokenize_source
-from squeezeflow.methods.layer_gates import gate_model
+from squeezeflow.methods.layers.gates import gate_model
 from squeezeflow.models import load_model, load_tokenizer, prepare_model
 
 

@@ -1,28 +1,20 @@
-"""Compression methods, one module each. `get_method(config)` builds the method a recipe names."""
+"""Compression methods, one folder per family; each method file holds its config, its preset parser and
+its `@register` call beside the algorithm. Importing this package registers every built-in family;
+`get_method(config)` builds the method a recipe names (plugins included, via the `squeezeflow.methods`
+entry point group).
+
+    intq/    RTN, GPTQ (+ gptq_core)          nowag/   NoWag-P, Wanda, magnitude, NoWag-VQ (+ k-means)
+    gwq.py   GWQ                              quad/    QUAD / QuaRot (transform, PEFT)
+    gg/      RF8, FP8, exp-Golomb, BackSlash  layers/  TRSP, ShortGPT, SLEB, last layers
+"""
 from __future__ import annotations
 
-from .base import CompressedLinear, Method
-from .gptq import GPTQ
-from .backslash import BackSlash
-from .entropy_coded import EntropyCoded
-from .float8 import FP8, RF8
-from .gwq import GWQ
-from .layer_baselines import SLEB, LastLayers, ShortGPT
-from .nowag_vq import NoWagVQ
-from .prune import Magnitude, NoWagP, Wanda
-from .quad import QUAD
-from .rtn import RTN
-from .trsp import TRSP
+# Import order is registration order: the order presets are tried in and PRESET_EXAMPLES lists them.
+from . import intq, gwq, nowag, quad, layers, gg  # noqa: F401,I001 - imported to register
+from .base import (CompressedLinear, LayerRemoval, RestructureContext, TransformsModel, TunesPacked, WeightMethod,
+                   check_group_size)
+from .registry import config_class, get_method, parse_preset, preset_examples, register, registrations
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (RTN, GPTQ, GWQ, NoWagP, Wanda, Magnitude, NoWagVQ, QUAD)}
-# Generalized-Gaussian coding: 8-bit float formats, exp-Golomb storage, BackSlash tuning.
-METHODS |= {m.name: m for m in (RF8, FP8, EntropyCoded, BackSlash)}
-# Structural methods (layer removal) change the model's shape; a recipe lists them before its weight method.
-METHODS |= {m.name: m for m in (TRSP, ShortGPT, SLEB, LastLayers)}
-
-
-def get_method(config) -> Method:
-    return METHODS[config.method](config)
-
-
-__all__ = ["METHODS", "CompressedLinear", "Method", "get_method"]
+__all__ = ["CompressedLinear", "LayerRemoval", "RestructureContext", "TransformsModel", "TunesPacked", "WeightMethod",
+           "check_group_size", "config_class", "get_method", "parse_preset", "preset_examples", "register",
+           "registrations"]

@@ -1,16 +1,27 @@
-"""The method interface. A method is one class: it declares the statistics it needs, checks that it
-can run on a model before any heavy work, and compresses one linear layer at a time into the fields of
-a packed format (see kernels/formats.py).
+"""The method protocols. A method is one class implementing one of two kinds, plus opt-in capabilities:
+
+- `WeightMethod`: compresses one linear layer at a time into the fields of a packed format
+  (kernels/formats.py). Its `schedule` says how the trunk runs it: "per-block" (blocks are independent,
+  statistics from the dense model, so the flow fans out one task per block) or "sequential" (block i
+  sees activations through the already-compressed blocks 0..i-1, statistics collected on the fly).
+- `LayerRemoval`: removes decoder blocks in checkpointed rounds, then writes a shallower checkpoint.
+- `TransformsModel` (capability of a weight method): rewrites the dense checkpoint before compression.
+- `TunesPacked` (capability of a weight method): tunes the packed checkpoint afterwards.
+
+The trunk (squeezeflow/dag.py) asks `isinstance(method, TransformsModel)`, never probes attributes.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
 
 import torch
 
 from ..errors import BadInput
+
+Schedule = Literal["per-block", "sequential"]
 
 
 @dataclass
@@ -24,16 +35,16 @@ class CompressedLinear:
     metrics: dict = field(default_factory=dict)  # diagnostics for the report (errors, timings excluded)
 
 
-class Method(ABC):
+class WeightMethod(ABC):
+    """Compresses linears. Instances may set `schedule` / `statistics` from their config (GWQ's base)."""
+
     name: ClassVar[str]
-    requires: tuple[str, ...] = ()         # statistics this method reads (stats.COLLECTORS, "gradients:<n>")
-    layerwise: bool = True                 # independent per block => the flow fans out per block
-    # Sequential methods only: statistics taken from the DENSE model by the saliency stage (their
-    # `requires` are collected on the fly, through the already-compressed blocks).
-    dense_requires: tuple[str, ...] = ()
-    # Methods that rewrite the model before compressing it (QUAD): the flow runs `transform` once and
-    # compresses the transformed checkpoint.
-    transforms_model: bool = False
+    schedule: Schedule = "per-block"
+    # Statistics this method reads (stats.COLLECTORS names, "gradients:<n>"). Per-block methods get them
+    # from the dense model; sequential ones collect them through the already-compressed blocks.
+    statistics: tuple[str, ...] = ()
+    # Sequential methods only: statistics taken from the DENSE model before compression starts.
+    dense_statistics: tuple[str, ...] = ()
 
     def __init__(self, config):
         self.config = config
@@ -42,19 +53,6 @@ class Method(ABC):
         """The method config as it will really run on this model (e.g. a size capped by the model's
         dimensions); preflight stores it in the recipe, so the manifest says what was used."""
         return self.config
-
-    @property
-    def tunes(self) -> bool:
-        """Whether the flow runs `tune` on the packed checkpoint (QUAD's PEFT)."""
-        return False
-
-    def tune(self, src, dst, windows) -> dict:
-        """Write a tuned copy of the packed checkpoint `src` into `dst`; returns the training record."""
-        raise NotImplementedError
-
-    def transform(self, src, dst, *stats) -> None:
-        """Write the transformed dense checkpoint of `src` into `dst` (transforms_model methods only)."""
-        raise NotImplementedError
 
     def check(self, linear_shapes: dict[str, tuple[int, int]]) -> None:
         """Preflight on {qualified linear name: (out_features, in_features)}; raise BadInput."""
@@ -66,6 +64,72 @@ class Method(ABC):
     @abstractmethod
     def dequantize(self, c: CompressedLinear) -> torch.Tensor:
         """The weight the packed layer computes with (fp32), for diagnostics and tests."""
+
+
+class TransformsModel(ABC):
+    """Capability: the method compresses a rewritten copy of the dense checkpoint (QUAD's expanded,
+    rotated model; BackSlash's rate-tuned one). `transform_input` names what `transform` receives:
+    the pooled residual covariance of the dense model, or the calibration windows."""
+
+    transform_input: ClassVar[Literal["residual_cov", "calibration"]] = "residual_cov"
+
+    @abstractmethod
+    def transform(self, src: Path, dst: Path, data: torch.Tensor) -> None:
+        """Write the transformed dense checkpoint of `src` into `dst`."""
+
+
+class TunesPacked(ABC):
+    """Capability: the packed checkpoint is tuned on calibration windows afterwards (QUAD's PEFT)."""
+
+    def tunes(self) -> bool:
+        """Whether this configuration tunes at all (e.g. QUAD only with peft_steps > 0)."""
+        return True
+
+    @abstractmethod
+    def tune(self, src: Path, dst: Path, windows: torch.Tensor) -> dict:
+        """Write a tuned copy of the packed checkpoint `src` into `dst`; returns the training record."""
+
+
+@dataclass
+class RestructureContext:
+    """What a layer-removal round may read: the calibration windows and, lazily, block statistics."""
+
+    windows: torch.Tensor                      # [n, seqlen] token ids
+    block_io: Callable[[], list[dict]] | None = None  # per block: {cos, influence, norm_in, ...} (floats)
+
+
+class LayerRemoval(ABC):
+    """Removes decoder blocks: state_0 = initial_state(L); state_{k+1} = run_round(src, k, state_k, ctx);
+    finish(src, dst, state_n, ctx). Each round is a pure function of the source checkpoint, the
+    calibration windows and the previous JSON state, so the trunk stores every round and a killed run
+    resumes at the next one with an identical result."""
+
+    name: ClassVar[str]
+    # Settings only `finish` reads (TRSP's stage 2): the rounds' cache key ignores them, so ablations that
+    # differ only there share the selection rounds.
+    finish_only_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config):
+        self.config = config
+
+    @abstractmethod
+    def check_layers(self, num_layers: int) -> int:
+        """Preflight: the number of layers left after this method (BadInput when it cannot run)."""
+
+    def rounds(self, num_layers: int) -> int:
+        """How many checkpointed rounds run before `finish` (0: the method is a single step)."""
+        return 0
+
+    def initial_state(self, num_layers: int) -> dict:
+        return {"num_layers": num_layers, "selected": []}
+
+    def run_round(self, src: Path, k: int, state: dict, ctx: RestructureContext) -> dict:
+        """One selection round (only methods whose `rounds` is above 0 define it: SLEB, TRSP)."""
+        raise TypeError(f"{self.name} runs in a single step (rounds = 0); the trunk never calls run_round")
+
+    @abstractmethod
+    def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
+        """Write the pruned checkpoint to `dst`; returns the record for the manifest (removed layers...)."""
 
 
 def check_group_size(group_size: int | None, linear_shapes: dict[str, tuple[int, int]]) -> None:

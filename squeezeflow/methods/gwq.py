@@ -20,16 +20,54 @@ Gradients come from the statistics engine as the statistic "gradients:<n_grad>".
 from __future__ import annotations
 
 import hashlib
+import re
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..config import GWQConfig
-from .base import CompressedLinear, Method, check_group_size
-from .gptq_core import fit_grid, gptq_quantize
-from .prune import topk_mask
-from .rtn import dequantize_groupwise
+from .base import CompressedLinear, WeightMethod, check_group_size
+from .intq.gptq_core import fit_grid, gptq_quantize
+from .intq.rtn import IntGridConfig, dequantize_groupwise, preset_group_size
+from .nowag.pruning import topk_mask
+from .registry import register
 
 GRADIENT_SCORES = ("abs_grad", "taylor", "fisher")
+
+
+class GWQConfig(IntGridConfig):
+    """GWQ: the top `outlier_frac` most salient weights of each matrix stay fp16 (sparse, CSR), the rest
+    is group-wise integer (RTN, or GPTQ treating the outliers as exact). Saliency from the gradients of
+    the next-token loss on `n_grad` calibration windows (abs_grad = |Σg|), or an ablation score."""
+
+    method: Literal["gwq"] = "gwq"
+    outlier_frac: float = Field(0.01, ge=0.0, le=0.5, description="Fraction of each matrix kept in fp16")
+    score: Literal["abs_grad", "taylor", "fisher", "hessian", "magnitude", "random"] = Field(
+        "abs_grad", description="Outlier selection: |Σg|, |Σg·w|, Σg², w²·h, |w|, or random (seeded)")
+    n_grad: int = Field(8, ge=1, le=4096, description="Calibration windows for the gradients")
+    base: Literal["rtn", "gptq"] = Field("rtn", description="Quantizer for the non-outliers")
+    damp: float = Field(0.01, gt=0, le=1, description="GPTQ dampening (base=gptq)")
+    seed: int = Field(0, description="Seed of the random selection (score=random)")
+
+
+_PRESET = re.compile(r"gwq-w(\d+)(?:g(\d+|c))?(-gptq)?(?:-(abs_grad|taylor|fisher|hessian|magnitude|random))?"
+                     r"(?:-n(\d+))?(?:-o(\d+(?:\.\d+)?))?")
+
+
+def parse_preset(name: str) -> list | None:
+    """`gwq-w<bits>g<group>[-gptq][-<score>][-n<grad windows>][-o<outlier %>]`: gwq-w3g64 = RTN base, |Σg|
+    saliency on 8 windows, 1% fp16 outliers."""
+    if not (m := _PRESET.fullmatch(name)):
+        return None
+    kwargs = {"bits": int(m.group(1)), "group_size": preset_group_size(m.group(2)),
+              "base": "gptq" if m.group(3) else "rtn"}
+    if m.group(4):
+        kwargs["score"] = m.group(4)
+    if m.group(5):
+        kwargs["n_grad"] = int(m.group(5))
+    if m.group(6):
+        kwargs["outlier_frac"] = float(m.group(6)) / 100
+    return [GWQConfig(**kwargs)]
 
 
 def quantize_groupwise_excluding(w: torch.Tensor, bits: int, group_size: int, exclude: torch.Tensor
@@ -44,19 +82,20 @@ def quantize_groupwise_excluding(w: torch.Tensor, bits: int, group_size: int, ex
     return codes.reshape(out_f, in_f).to(torch.uint8), scale.half().reshape(shape), zero.half().reshape(shape)
 
 
-class GWQ(Method):
-    name = "gwq"
+@register(GWQConfig, presets=parse_preset, examples=("gwq-w3g64", "gwq-w3g64-gptq", "gwq-w3g64-fisher-n32-o2"))
+class GWQ(WeightMethod):
     config: GWQConfig
 
     def __init__(self, config: GWQConfig):
         super().__init__(config)
         self.gradients = f"gradients:{config.n_grad}" if config.score in GRADIENT_SCORES else None
         dense = (self.gradients,) if self.gradients else ()   # hdiag is always collected
-        # RTN base: layer-wise on dense statistics. GPTQ base: sequential, XᵀX collected through the
+        # RTN base: per block on dense statistics. GPTQ base: sequential, XᵀX collected through the
         # already-quantized blocks; the saliency still comes from the dense model.
-        self.layerwise = config.base == "rtn"
-        self.requires = dense if self.layerwise else ("xtx",)
-        self.dense_requires = () if self.layerwise else dense
+        if config.base == "rtn":
+            self.schedule, self.statistics = "per-block", dense
+        else:
+            self.schedule, self.statistics, self.dense_statistics = "sequential", ("xtx",), dense
 
     def check(self, linear_shapes):
         check_group_size(self.config.group_size, linear_shapes)

@@ -36,7 +36,8 @@ def _enum_choices(prop: dict) -> list:
 def test_compress_form_offers_recipes_and_calibration_sources(prefect_server):
     from prefect import get_client
 
-    from squeezeflow.config import NAMED_SPLITS, PRESET_EXAMPLES
+    from squeezeflow.config import NAMED_SPLITS
+    from squeezeflow.recipes import PRESET_EXAMPLES
     from squeezeflow.flows.deployments import deploy_compress
 
     dep_id = deploy_compress(pool="test-deploy-pool", name="compress-choices-test")

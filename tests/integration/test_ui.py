@@ -58,7 +58,7 @@ def test_custom_run_from_the_ui_form_completes_and_shows_its_artifacts(
         pytest.skip("no chromium executable (apt-get install chromium, or set SQUEEZEFLOW_CHROMIUM)")
     from playwright.sync_api import expect, sync_playwright
 
-    from squeezeflow.config import PRESET_EXAMPLES
+    from squeezeflow.recipes import PRESET_EXAMPLES
     from squeezeflow.flows.deployments import COMPRESS, deploy
 
     api = prefect_server["url"]

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from squeezeflow import pipeline
-from squeezeflow.config import BackSlashConfig, CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.methods.gg import BackSlashConfig
 from squeezeflow.kernels import expgolomb, formats
 from squeezeflow.kernels import rf8_linear
-from squeezeflow.methods import backslash, get_method, ggd
-from squeezeflow.methods.rtn import quantize_groupwise
+from squeezeflow.methods import get_method
+from squeezeflow.methods.gg import backslash, ggd
+from squeezeflow.methods.intq.rtn import quantize_groupwise
 from squeezeflow.models import decoder_linears, load_model
 from squeezeflow.store import LocalStore
 

@@ -8,11 +8,13 @@ import torch
 
 from squeezeflow import pipeline
 from squeezeflow.calibration import CalibrationSet
-from squeezeflow.config import CalibrationSpec, EvalSpec, FP8Config, ModelRef, RF8Config, load_recipe
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.methods.gg import FP8Config, RF8Config
+from squeezeflow.recipes import load_recipe
 from squeezeflow.errors import BadInput
 from squeezeflow.kernels import fp8_linear, rf8_linear
 from squeezeflow.methods import get_method
-from squeezeflow.methods.gptq_core import fit_grid, gptq_elementwise, gptq_quantize
+from squeezeflow.methods.intq.gptq_core import fit_grid, gptq_elementwise, gptq_quantize
 from squeezeflow.models import decoder_linears, load_model
 from squeezeflow.store import LocalStore
 from sf_testing import correlated_layer, output_error
@@ -134,14 +136,14 @@ def test_recipes():
         assert cfg.method == fmt and cfg.gptq
         assert cfg.model_dump() == {"method": fmt, "gptq": True}
         method = get_method(cfg)
-        assert method.requires == ("xtx",) and not method.layerwise
+        assert method.statistics == ("xtx",) and method.schedule == "sequential"
     for name in ("rf8", "fp8-e4m3"):   # unchanged dumps, so unchanged cache keys
         cfg = load_recipe(name).methods[0]
         assert "gptq" not in cfg.model_dump() and list(cfg.model_dump()) == ["method"]
         method = get_method(cfg)
-        assert method.requires == () and method.layerwise
+        assert method.statistics == () and method.schedule == "per-block"
     eg = get_method(load_recipe("rf8-gptq-eg").methods[0])   # exp-Golomb storage of the GPTQ codes
-    assert eg.requires == ("xtx",) and not eg.layerwise
+    assert eg.statistics == ("xtx",) and eg.schedule == "sequential"
     with pytest.raises(ValueError, match="gptq"):
         RF8Config(damp=0.1)
     assert RF8Config(gptq=True, damp=0.1, act_order=True).model_dump() == {

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from squeezeflow.config import load_recipe, preset
+from squeezeflow.recipes import load_recipe, preset
 from squeezeflow.errors import BadInput, IntegrityError
 from squeezeflow.kernels import expgolomb, intpack
 from squeezeflow.kernels.formats import FORMATS, make_module

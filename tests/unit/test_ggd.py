@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from squeezeflow.errors import BadInput
-from squeezeflow.methods import ggd
+from squeezeflow.methods.gg import ggd
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

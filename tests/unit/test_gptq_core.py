@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from squeezeflow.errors import BadInput
-from squeezeflow.methods.gptq_core import fit_grid, gptq_quantize
-from squeezeflow.methods.rtn import dequantize_groupwise, quantize_groupwise
+from squeezeflow.methods.intq.gptq_core import fit_grid, gptq_quantize
+from squeezeflow.methods.intq.rtn import dequantize_groupwise, quantize_groupwise
 from sf_testing import correlated_layer, output_error
 
 OUT, IN, TOKENS = 64, 256, 2048
@@ -176,7 +176,7 @@ def test_sym_and_mse_clip(layer):
 def test_clip_search_minimises_its_own_norm(layer, norm):
     # Each group's chosen grid is the best of the candidate shrinks under Σ|w - q|^norm (checked by brute
     # force), and the two norms choose differently on some groups (2.4 is not squared error renamed).
-    from squeezeflow.methods.gptq_core import _SHRINKS, _scale_zero
+    from squeezeflow.methods.intq.gptq_core import _SHRINKS, _scale_zero
     w = layer[0].reshape(-1, 64)
 
     def err(s, z, p):
@@ -191,7 +191,7 @@ def test_clip_search_minimises_its_own_norm(layer, norm):
 
 
 def test_clip_norm_only_in_the_mse_presets_keys():
-    from squeezeflow.config import load_recipe
+    from squeezeflow.recipes import load_recipe
     assert "clip_norm" not in load_recipe("gptq-w3g64-act").model_dump(mode="json")["methods"][0]
     assert load_recipe("gptq-w3g64-act-mse").methods[0].clip_norm == 2.4
 

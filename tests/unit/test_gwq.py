@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, GWQConfig, ModelRef, preset
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.methods.gwq import GWQConfig
+from squeezeflow.recipes import preset
 from squeezeflow.kernels.formats import make_module, packed_tensors
 from squeezeflow.kernels.outlier_linear import column_dtype
 from squeezeflow.methods import get_method
 from squeezeflow.methods.gwq import quantize_groupwise_excluding
-from squeezeflow.methods.rtn import dequantize_groupwise, quantize_groupwise
+from squeezeflow.methods.intq.rtn import dequantize_groupwise, quantize_groupwise
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
 from sf_testing import run_stages
@@ -69,10 +71,10 @@ def test_each_score_selects_its_top_weights(score):
 
 
 def test_requires_the_gradient_statistic_it_names():
-    assert get_method(preset("gwq-w3g64-n32").methods[0]).requires == ("gradients:32",)
-    assert get_method(preset("gwq-w3g64-hessian").methods[0]).requires == ()
+    assert get_method(preset("gwq-w3g64-n32").methods[0]).statistics == ("gradients:32",)
+    assert get_method(preset("gwq-w3g64-hessian").methods[0]).statistics == ()
     gptq = get_method(preset("gwq-w3g64-gptq").methods[0])
-    assert gptq.requires == ("xtx",) and gptq.dense_requires == ("gradients:8",) and not gptq.layerwise
+    assert gptq.statistics == ("xtx",) and gptq.dense_statistics == ("gradients:8",) and gptq.schedule == "sequential"
     with pytest.raises(ValueError, match="gradients:8.abs_sum"):
         get_method(GWQConfig(group_size=32)).compress_linear("l", torch.randn(4, 32), {})
 

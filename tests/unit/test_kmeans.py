@@ -1,11 +1,11 @@
-"""Weighted k-means (squeezeflow.methods.kmeans): Lloyd fixed point, determinism, losslessness, weights,
+"""Weighted k-means (squeezeflow.methods.nowag.kmeans): Lloyd fixed point, determinism, losslessness, weights,
 chunking, exact D² seeding."""
 import math
 
 import pytest
 import torch
 
-from squeezeflow.methods import kmeans as km
+from squeezeflow.methods.nowag import kmeans as km
 
 
 def problem(out=128, inn=60, d=6, seed=0, skew=False):

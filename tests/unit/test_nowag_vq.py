@@ -1,4 +1,4 @@
-"""NoWag-VQ (squeezeflow.methods.nowag_vq) and its packed format "vq" (kernels/vq_linear.py)."""
+"""NoWag-VQ (squeezeflow.methods.nowag.vq) and its packed format "vq" (kernels/vq_linear.py)."""
 import math
 
 import pytest
@@ -6,15 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, NoWagVQConfig, load_recipe
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.methods.nowag import NoWagVQConfig
+from squeezeflow.recipes import load_recipe
 from squeezeflow.errors import BadInput
 from squeezeflow.kernels.formats import FORMATS, check_params, make_module, packed_tensors
 from squeezeflow.kernels.intpack import packed_width
 from squeezeflow.kernels.vq_linear import VQLinear
-from squeezeflow.methods import METHODS, get_method
-from squeezeflow.methods.kmeans import matrix_subvectors, nearest_centroids
-from squeezeflow.methods.nowag_norm import denormalize, normalize
-from squeezeflow.methods.nowag_vq import NoWagVQ
+from squeezeflow.methods import get_method, registrations
+from squeezeflow.methods.nowag.kmeans import matrix_subvectors, nearest_centroids
+from squeezeflow.methods.nowag.norm import denormalize, normalize
+from squeezeflow.methods.nowag.vq import NoWagVQ
 from squeezeflow.store import LocalStore
 
 
@@ -33,7 +35,7 @@ def compressed():
 
 
 def test_registered_and_preset():
-    assert METHODS["nowag-vq"] is NoWagVQ and FORMATS["vq"] is VQLinear
+    assert registrations()["nowag-vq"].method is NoWagVQ and FORMATS["vq"] is VQLinear
     cfg = load_recipe("nowag-vq2").methods[0]
     assert isinstance(get_method(cfg), NoWagVQ) and get_method(cfg).k == 4096
     assert get_method(load_recipe("nowag-vq3").methods[0]).k == 4096

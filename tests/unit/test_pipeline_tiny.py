@@ -6,7 +6,7 @@ import torch
 
 from squeezeflow import pipeline
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
-from squeezeflow.methods.rtn import dequantize_groupwise
+from squeezeflow.methods.intq.rtn import dequantize_groupwise
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
 from sf_testing import run_stages

@@ -114,7 +114,8 @@ def test_compress_form_offers_recipes_and_calibration_sources():
     from prefect.utilities.callables import parameter_schema
 
     from squeezeflow.calibration import SPLITS
-    from squeezeflow.config import NAMED_SPLITS, PRESET_EXAMPLES
+    from squeezeflow.config import NAMED_SPLITS
+    from squeezeflow.recipes import PRESET_EXAMPLES
     from squeezeflow.flows.compress import compress_flow
 
     assert set(NAMED_SPLITS) == set(SPLITS)

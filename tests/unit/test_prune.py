@@ -5,11 +5,13 @@ import pytest
 import torch
 
 from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, NoWagPConfig, WandaConfig, preset
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.methods.nowag import NoWagPConfig, WandaConfig
+from squeezeflow.recipes import preset
 from squeezeflow.errors import BadInput
 from squeezeflow.methods import get_method
-from squeezeflow.methods.nowag_norm import denormalize, normalize
-from squeezeflow.methods.prune import prune_mask
+from squeezeflow.methods.nowag.norm import denormalize, normalize
+from squeezeflow.methods.nowag.pruning import prune_mask
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
 from sf_testing import run_stages

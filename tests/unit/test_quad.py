@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 from squeezeflow import pipeline
 from squeezeflow.calibration import CalibrationSet
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef, preset
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.recipes import preset
 from squeezeflow.errors import BadInput
 from squeezeflow.kernels import rotation
 from squeezeflow.kernels.formats import check_params, make_module, packed_tensors
 from squeezeflow.kernels.quad_linear import fake_quant_per_token
 from squeezeflow.methods import get_method
-from squeezeflow.methods.quad_transform import expansion, transform_checkpoint, transform_state
+from squeezeflow.methods.quad.transform import expansion, transform_checkpoint, transform_state
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
 from sf_testing import run_stages

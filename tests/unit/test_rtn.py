@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from squeezeflow.config import RTNConfig, load_recipe
+from squeezeflow.methods.intq import RTNConfig
+from squeezeflow.recipes import load_recipe
 from squeezeflow.errors import BadInput
-from squeezeflow.methods.rtn import RTN, dequantize_groupwise, quantize_groupwise
+from squeezeflow.methods.intq.rtn import RTN, dequantize_groupwise, quantize_groupwise
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

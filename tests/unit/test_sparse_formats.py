@@ -4,7 +4,7 @@ import torch
 
 from squeezeflow.kernels.formats import check_params, make_module, packed_tensors
 from squeezeflow.kernels.sparse_linear import NMLinear, SparseLinear
-from squeezeflow.methods.prune import prune_mask
+from squeezeflow.methods.nowag.pruning import prune_mask
 
 
 def _module(fmt, params, fields, out_f, in_f):

@@ -39,7 +39,7 @@ exactly (a kept position there keeps its value).
 
 Any element-wise format (`gptq_elementwise`): the same loop with a caller's column quantizer in place of
 the grid, e.g. RF8 or FP8 e4m3 against a per-row exponent or scale fixed from the original weights
-(methods/float8.py). The quantizer must be fixed up front: nothing is fitted inside the loop.
+(methods/gg/float8.py). The quantizer must be fixed up front: nothing is fitted inside the loop.
 
 Numerics: damping `damp · mean(diag H)` is added to the diagonal (multiplied by 10, up to 4 times,
 while the Cholesky factorization fails; damp=0 retries from 1e-4). The factorization runs in fp64,
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import BadInput
+from ...errors import BadInput
 
 _SHRINKS = [1.0 - 0.01 * k for k in range(21)]   # mse_clip candidates: 1.00 down to 0.80
 _DAMP_RETRIES = 4

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import BadInput
+from ...errors import BadInput
 
 NU_MIN, NU_MAX, NU_STEP = 0.1, 3.0, 0.01
 NU_TABLE = np.round(np.arange(NU_MIN, NU_MAX + NU_STEP / 2, NU_STEP), 2)
@@ -140,7 +140,7 @@ def table_markdown(rows: list[dict]) -> str:
 
 def shape_plot(rows: list[dict]) -> bytes:
     """PNG: fitted shape ν per decoder layer, one line per linear kind (deterministic bytes)."""
-    from ..evaluation.plots import _figure, _png
+    from ...evaluation.plots import _figure, _png
 
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))

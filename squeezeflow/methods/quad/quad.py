@@ -1,6 +1,6 @@
 """QUAD (and QuaRot, r = 0) as a pipeline method.
 
-The flow first writes the transformed dense checkpoint (quad_transform: norms fused, residual stream
+The flow first writes the transformed dense checkpoint (transform.py: norms fused, residual stream
 expanded by the top-r outlier directions and rotated; function-preserving), then runs this method
 sequentially over it like GPTQ: each linear is GPTQ-quantized to a symmetric per-channel int grid with
 an MSE clip search, act-order, and
@@ -14,16 +14,59 @@ token (4, or 8 into o_proj/down_proj for W4A4/A8), clip 0.9.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..config import QUADConfig
-from ..errors import BadInput
-from ..kernels import rotation
-from .base import CompressedLinear, Method
-from .gptq_core import gptq_quantize
-from .quad_transform import READERS, WRITERS, transform_checkpoint
+from ...config import Spec
+from ...errors import BadInput
+from ...kernels import rotation
+from ..base import CompressedLinear, TransformsModel, TunesPacked, WeightMethod
+from ..intq.gptq_core import gptq_quantize
+from ..registry import register
+from .transform import READERS, WRITERS, transform_checkpoint
+
+
+class QUADConfig(Spec):
+    """QUAD: the residual stream expanded by the top-r eigenvectors of its covariance (kept fp16 by every
+    reader), rotated, GPTQ int weights (symmetric per channel, MSE clip) and per-token activation
+    fake-quant; r = 0 is QuaRot. `act8` feeds o_proj and down_proj 8-bit activations (W4A4/A8);
+    `peft_steps` > 0 tunes w_outlier and the weight scales on calibration text afterwards."""
+    method: Literal["quad"] = "quad"
+    r: int = Field(64, ge=0, le=4096, description="Outlier dimensions kept in full precision (capped at hidden/8)")
+    bits: int = Field(4, ge=2, le=8, description="Weight bits (symmetric, per output channel)")
+    act_bits: Literal[4, 6, 8, 16] = Field(4, description="Activation bits per token (16 = weights only)")
+    act8: bool = Field(False, description="8-bit activations into o_proj and down_proj (W4A4/A8)")
+    act_clip: float = Field(0.9, gt=0, le=1, description="Activation range clip ratio")
+    online_rotation: bool = Field(True, description="Rotate the inputs of o_proj and down_proj online")
+    act_order: bool = Field(True, description="GPTQ act-order")
+    damp: float = Field(0.01, gt=0, le=1, description="GPTQ dampening, as a fraction of mean diag(XᵀX)")
+    peft_steps: int = Field(0, ge=0, le=100_000, description="PEFT steps (0 = no tuning)")
+    peft_lr: float = Field(1e-5, gt=0, le=1, description="AdamW learning rate of the PEFT")
+    seed: int = Field(0, description="Seed of the rotations and of the PEFT's window order")
+
+
+_PRESET = re.compile(r"(quad|quarot)-w(\d)a(4|6|8|16)(a8)?(?:-r(\d+))?(-peft(\d+)?)?")
+
+
+def parse_preset(name: str) -> list | None:
+    """`<quad|quarot>-w<bits>a<act bits>[a8][-r<outlier dims>][-peft[<steps>]]`: quad-w4a4 = r 64, W4A4;
+    quad-w4a4a8 = 8-bit inputs to o_proj/down_proj; -peft = 200 tuning steps; quarot = r 0."""
+    if not (m := _PRESET.fullmatch(name)):
+        return None
+    kwargs = {"bits": int(m.group(2)), "act_bits": int(m.group(3)), "act8": bool(m.group(4))}
+    if m.group(1) == "quarot":
+        if m.group(5) and int(m.group(5)):
+            raise BadInput(f"recipe {name!r}: QuaRot has no outlier dimensions (r = 0); use quad-...-r<n>")
+        kwargs["r"] = 0
+    elif m.group(5):
+        kwargs["r"] = int(m.group(5))
+    if m.group(6):
+        kwargs["peft_steps"] = int(m.group(7) or 200)
+    return [QUADConfig(**kwargs)]
 
 # Distinct seeds per rotation site (the residual rotations use seed and seed + 1).
 _ONLINE_SEED_OFFSET = {"self_attn.o_proj": 2, "mlp.down_proj": 3}
@@ -39,12 +82,13 @@ def linear_role(name: str) -> str:
     raise BadInput(f"QUAD does not know the role of linear {name!r} (Llama-style blocks only)")
 
 
-class QUAD(Method):
-    name = "quad"
-    requires = ("xtx",)                 # collected on the transformed model, through quantized blocks
-    dense_requires = ("residual_cov",)  # the pooled covariance that defines the outlier directions
-    layerwise = False
-    transforms_model = True
+@register(QUADConfig, presets=parse_preset,
+          examples=("quad-w4a4", "quad-w4a4a8", "quad-w4a4a8-peft", "quarot-w4a4", "quad-w4a4-r16"))
+class QUAD(WeightMethod, TransformsModel, TunesPacked):
+    schedule = "sequential"
+    statistics = ("xtx",)                  # collected on the transformed model, through quantized blocks
+    dense_statistics = ("residual_cov",)   # the pooled covariance that defines the outlier directions
+    transform_input = "residual_cov"
     config: QUADConfig
 
     def resolve(self, model_config) -> QUADConfig:
@@ -59,12 +103,11 @@ class QUAD(Method):
     def transform(self, src: Path, dst: Path, pooled_cov: torch.Tensor) -> None:
         transform_checkpoint(src, dst, pooled_cov, self.config.r, self.config.seed)
 
-    @property
     def tunes(self) -> bool:
         return self.config.peft_steps > 0
 
     def tune(self, src: Path, dst: Path, windows: torch.Tensor) -> dict:
-        from .quad_peft import tune_packed
+        from .peft import tune_packed
 
         return tune_packed(src, dst, windows, self.config.peft_steps, self.config.peft_lr, self.config.seed)
 

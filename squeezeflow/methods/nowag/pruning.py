@@ -9,7 +9,7 @@ the "sparse" (bitmask + values) or "nm" (values + in-group indices) formats of k
 so the bytes on disk really shrink.
 
 Scores (h_j = E[x_j²] over calibration tokens of the linear's input, from the dense model):
-- NoWag-P: W̄_ij² · h_j with W̄ the column-then-row normalized weight (nowag_norm), ranked over the
+- NoWag-P: W̄_ij² · h_j with W̄ the column-then-row normalized weight (norm.py), ranked over the
   whole matrix (the paper's global top-k per matrix);
 - Wanda: |W_ij| · ‖X_j‖ (‖X_j‖ ∝ sqrt(h_j)), ranked within each output row as in the Wanda paper;
 - magnitude: |W_ij| over the whole matrix.
@@ -17,14 +17,68 @@ Ties are broken by position (stable sort), so masks are deterministic.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+import re
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, field_validator
 
-from ..config import PruneConfig
-from ..errors import BadInput
-from .base import CompressedLinear, Method
-from .nowag_norm import importance, normalize
+from ...config import Spec
+from ...errors import BadInput
+from ..base import CompressedLinear, WeightMethod
+from ..registry import register
+from .norm import importance, normalize
+
+
+class PruneConfig(Spec):
+    """Weight pruning: `sparsity` is the fraction of weights REMOVED from each matrix (unstructured), or
+    `n_m` = (N, M) keeps N of every M consecutive inputs of a row (semi-structured, e.g. 2:4)."""
+
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of weights removed (unstructured)")
+    n_m: tuple[int, int] | None = Field(None, description="Keep N of every M consecutive inputs, e.g. [2, 4]")
+
+    @field_validator("n_m")
+    @classmethod
+    def _n_m(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (0 < v[0] < v[1] <= 256):
+            raise ValueError(f"n_m must be (N, M) with 0 < N < M <= 256, got {list(v)}")
+        return v
+
+    @property
+    def removed_fraction(self) -> float:
+        return 1.0 - self.n_m[0] / self.n_m[1] if self.n_m else self.sparsity
+
+
+class NoWagPConfig(PruneConfig):
+    """NoWag-P: prune by the normalized score W̄²·h (column then row normalization, h = E[x²])."""
+
+    method: Literal["nowag-p"] = "nowag-p"
+
+
+class WandaConfig(PruneConfig):
+    """Wanda: prune by |W|·‖X_j‖ compared within each output row (unstructured) or each N:M group."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class MagnitudeConfig(PruneConfig):
+    """Magnitude pruning: |W| over the whole matrix (unstructured) or each N:M group; no statistics."""
+
+    method: Literal["magnitude"] = "magnitude"
+
+
+def presets_of(config_cls: type[PruneConfig]):
+    """The preset parser of one pruning method: `<method>[-p]<percent removed>` or `<method>[-p]<N>:<M>`
+    (nowag-p50, wanda-p2:4)."""
+    pattern = re.compile(re.escape(config_cls.model_fields["method"].default) + r"(?:-p)?(?:(\d{1,2})|(\d+):(\d+))")
+
+    def parse(name: str) -> list | None:
+        if not (m := pattern.fullmatch(name)):
+            return None
+        kwargs = {"sparsity": int(m.group(1)) / 100} if m.group(1) else {"n_m": (int(m.group(2)), int(m.group(3)))}
+        return [config_cls(**kwargs)]
+
+    return parse
 
 
 def topk_mask(score: torch.Tensor, keep: int) -> torch.Tensor:
@@ -54,7 +108,7 @@ def prune_mask(score: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
     return topk_mask(score.flatten(), keep).reshape(out_f, in_f)
 
 
-class PruneMethod(Method):
+class PruneMethod(WeightMethod):
     """Shared by every pruning method: check, mask, pack fields. Subclasses define `score`."""
 
     per_row: ClassVar[bool] = False
@@ -91,27 +145,26 @@ def _hdiag(stats: dict[str, torch.Tensor], method: str) -> torch.Tensor:
     return stats["hdiag"].float()
 
 
+@register(NoWagPConfig, presets=presets_of(NoWagPConfig), examples=("nowag-p50", "nowag-p2:4", "nowag-p4:8"))
 class NoWagP(PruneMethod):
-    name = "nowag-p"
-    requires = ("hdiag",)
+    statistics = ("hdiag",)
 
     def score(self, weight, stats):
         w_bar, _, _ = normalize(weight)
         return importance(w_bar, _hdiag(stats, self.name))
 
 
+@register(WandaConfig, presets=presets_of(WandaConfig), examples=("wanda-p50", "wanda-p2:4"))
 class Wanda(PruneMethod):
-    name = "wanda"
-    requires = ("hdiag",)
+    statistics = ("hdiag",)
     per_row = True
 
     def score(self, weight, stats):
         return weight.abs() * _hdiag(stats, self.name).sqrt().unsqueeze(0)
 
 
+@register(MagnitudeConfig, presets=presets_of(MagnitudeConfig), examples=("magnitude-p50",))
 class Magnitude(PruneMethod):
-    name = "magnitude"
-    requires = ()
 
     def score(self, weight, stats):
         return weight.abs()

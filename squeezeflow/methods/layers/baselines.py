@@ -12,16 +12,56 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..config import LastLayersConfig, ShortGPTConfig, SLEBConfig
-from .layer_gates import gate_model, save_pruned
-from .structural import RestructureContext, StructuralMethod, calibration_batches, load_dense
+from ...errors import BadInput
+from ..base import RestructureContext
+from ..registry import register
+from .common import LayerPruneConfig, LayerPruneMethod, calibration_batches, load_dense, parse_layer_preset
+from .gates import gate_model, save_pruned
 
 
-class ShortGPT(StructuralMethod):
-    name = "shortgpt"
+class ShortGPTConfig(LayerPruneConfig):
+    """ShortGPT: remove the blocks with the lowest block influence 1 − cos(x_in, x_out)."""
+
+    method: Literal["shortgpt"] = "shortgpt"
+
+
+class SLEBConfig(LayerPruneConfig):
+    """SLEB-style: greedily remove the block whose removal raises calibration perplexity least."""
+
+    method: Literal["sleb"] = "sleb"
+    windows: int = Field(4, ge=1, le=100_000, description="Calibration windows scored per candidate")
+    seqlen: int = Field(128, ge=8, description="Tokens per scored window")
+
+
+class LastLayersConfig(LayerPruneConfig):
+    """Remove the blocks just before the final one."""
+
+    method: Literal["lastlayers"] = "lastlayers"
+
+
+def presets_of(config_cls: type[LayerPruneConfig]):
+    """`<method>-<percent>` (shortgpt-25, sleb-25, lastlayers-25); the -no-iter / -no-stage2 ablations are
+    TRSP's only."""
+    method = config_cls.model_fields["method"].default
+
+    def parse(name: str) -> list | None:
+        if (parsed := parse_layer_preset(name, method)) is None:
+            return None
+        ratio, flags = parsed
+        if flags:
+            raise BadInput(f"recipe {name!r}: -no-iter / -no-stage2 are TRSP ablations")
+        return [config_cls(ratio=ratio)]
+
+    return parse
+
+
+@register(ShortGPTConfig, presets=presets_of(ShortGPTConfig), examples=("shortgpt-25",))
+class ShortGPT(LayerPruneMethod):
     config: ShortGPTConfig
 
     def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
@@ -44,8 +84,8 @@ def calibration_nll(model: torch.nn.Module, batches: torch.Tensor, batch_size: i
     return total / count
 
 
-class SLEB(StructuralMethod):
-    name = "sleb"
+@register(SLEBConfig, presets=presets_of(SLEBConfig), examples=("sleb-25",))
+class SLEB(LayerPruneMethod):
     config: SLEBConfig
 
     def rounds(self, num_layers: int) -> int:
@@ -76,8 +116,8 @@ class SLEB(StructuralMethod):
         return {"removed": removed, "selection_order": state["selected"], "rounds": state.get("history", [])}
 
 
-class LastLayers(StructuralMethod):
-    name = "lastlayers"
+@register(LastLayersConfig, presets=presets_of(LastLayersConfig), examples=("lastlayers-25",))
+class LastLayers(LayerPruneMethod):
     config: LastLayersConfig
 
     def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:

@@ -10,15 +10,66 @@ Two encoders per format, one packed format and loader:
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, model_validator
 
-from ..config import FP8Config, RF8Config
-from ..kernels import fp8_linear, rf8_linear
-from .base import CompressedLinear, Method
-from .gptq_core import gptq_elementwise
+from ...config import Spec
+from ...kernels import fp8_linear, rf8_linear
+from ..base import CompressedLinear, WeightMethod
+from ..intq.gptq_core import gptq_elementwise
+from ..registry import register
 
 
-class Float8Method(Method):
+class Float8Config(Spec):
+    """Encoder options shared by the 8-bit float formats. Unset fields are left out of dumps (and so of
+    cache keys): the plain rf8 / fp8-e4m3 recipes keep their keys."""
+
+    gptq: bool | None = Field(None, exclude_if=lambda v: v is None,
+                              description="Choose the codes GPTQ's way: column by column, each rounding error "
+                              "compensated on the later columns through XᵀX (sequential, like gptq); unset = "
+                              "round every weight on its own. Same packed format either way")
+    damp: float | None = Field(None, gt=0, le=1, exclude_if=lambda v: v is None,
+                               description="GPTQ dampening, as a fraction of mean diag(XᵀX); unset = 0.01")
+    act_order: bool | None = Field(None, exclude_if=lambda v: v is None,
+                                   description="GPTQ: process columns by decreasing XᵀX diagonal; unset = off")
+
+    @model_validator(mode="after")
+    def _gptq_options(self):
+        if not self.gptq and (self.damp is not None or self.act_order is not None):
+            raise ValueError("damp and act_order are options of the GPTQ encoder: set gptq: true too")
+        return self
+
+
+class RF8Config(Float8Config):
+    """RF8: every weight as sign · (2^e1 + s2 · 2^e2) in exactly 8 bits, plus an int8 exponent bias per row
+    (kernels/rf8_linear.py); no statistics unless gptq is set."""
+
+    method: Literal["rf8"] = "rf8"
+
+
+class FP8Config(Float8Config):
+    """FP8 e4m3 (torch.float8_e4m3fn) weights with an fp16 scale per output row; no statistics unless gptq
+    is set."""
+
+    method: Literal["fp8"] = "fp8"
+
+
+def presets_of(config_cls: type[Float8Config], prefix: str):
+    """The presets of one format: `<prefix>` rounds every weight on its own, `<prefix>-gptq` chooses the
+    codes with GPTQ's error compensation (rf8, rf8-gptq; fp8-e4m3, fp8-e4m3-gptq)."""
+    def parse(name: str) -> list | None:
+        if name == prefix:
+            return [config_cls()]
+        if name == prefix + "-gptq":
+            return [config_cls(gptq=True)]
+        return None
+
+    return parse
+
+
+class Float8Method(WeightMethod):
     """One 8-bit float format: `encode(w[, row])` and `decode(codes, row)` come from its kernel module,
     `row_param` is the per-row field (exponent bias or scale) the default encoder would choose."""
 
@@ -29,8 +80,7 @@ class Float8Method(Method):
     def __init__(self, config):
         super().__init__(config)
         if config.gptq:   # XᵀX through the already-compressed blocks, as GPTQ
-            self.requires = ("xtx",)
-            self.layerwise = False
+            self.schedule, self.statistics = "sequential", ("xtx",)
 
     def compress_linear(self, name, weight, stats):
         if not self.config.gptq:
@@ -65,16 +115,16 @@ class Float8Method(Method):
         return self.kernel.decode(c.tensors["codes"], c.tensors[self.row_field])
 
 
+@register(RF8Config, presets=presets_of(RF8Config, "rf8"), examples=("rf8", "rf8-gptq"))
 class RF8(Float8Method):
-    name = "rf8"
     config: RF8Config
     kernel = rf8_linear
     row_field = "exp_bias"
     row_param = staticmethod(rf8_linear.row_exp_bias)
 
 
+@register(FP8Config, presets=presets_of(FP8Config, "fp8-e4m3"), examples=("fp8-e4m3", "fp8-e4m3-gptq"))
 class FP8(Float8Method):
-    name = "fp8"
     config: FP8Config
     kernel = fp8_linear
     row_field = "scales"

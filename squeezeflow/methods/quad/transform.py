@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
-from ..kernels import rotation
+from ...errors import BadInput
+from ...kernels import rotation
 
 READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
@@ -108,8 +108,8 @@ def transform_checkpoint(src: Path, dst: Path, cov: torch.Tensor, r: int, seed: 
 
     from safetensors.torch import load_file, save
 
-    from ..models import safetensors_files
-    from ..store import canonical_json, canonical_safetensors
+    from ...models import safetensors_files
+    from ...store import canonical_json, canonical_safetensors
 
     state: dict[str, torch.Tensor] = {}
     for f in safetensors_files(src):

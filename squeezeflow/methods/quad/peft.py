@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..kernels.quad_linear import QuadLinear
+from ...kernels.quad_linear import QuadLinear
 
 TUNED_FIELDS = ("scales", "w_outlier")
 
@@ -46,8 +46,8 @@ def tune_packed(src: Path, dst: Path, windows: torch.Tensor, steps: int, lr: flo
     """Tune the packed QUAD checkpoint `src` into `dst`; returns the training record."""
     from safetensors.torch import load_file, save
 
-    from ..models import load_model
-    from ..store import canonical_json, canonical_safetensors
+    from ...models import load_model
+    from ...store import canonical_json, canonical_safetensors
 
     torch.manual_seed(seed)
     model = load_model(src, torch.float32)

@@ -3,11 +3,11 @@
 
 For one linear W [out, in] with h_j = E[x_j²] over the calibration inputs:
 
-1. Normalize (nowag_norm): W = diag(r) · W̄ · diag(c). r and c are rounded to fp16 first and W̄ is taken
+1. Normalize (norm.py): W = diag(r) · W̄ · diag(c). r and c are rounded to fp16 first and W̄ is taken
    as W / (r₁₆ c₁₆), so the stored norms are the ones the codebook was fitted for.
 2. Cut W̄ into subvectors of d consecutive inputs of a row (the input dim padded to a multiple of d with
    the row mean and importance 0) and fit one codebook of K = 2^(bits·d) centroids per matrix by
-   weighted k-means (squeezeflow.methods.kmeans): the objective is Σ_ij h_j (W̄_ij − Ŵ̄_ij)².
+   weighted k-means (kmeans.py): the objective is Σ_ij h_j (W̄_ij − Ŵ̄_ij)².
 3. Round the codebook to fp16, then assign every subvector to its nearest fp16 centroid, so the packed
    layer (kernels/vq_linear.py, format "vq") computes exactly what `dequantize` returns:
    Ŵ = diag(r₁₆) · codebook₁₆[codes] · diag(c₁₆), cropped to `in` columns.
@@ -16,21 +16,59 @@ Layer-wise: needs only the dense model's h (the "hdiag" statistic), so blocks co
 """
 from __future__ import annotations
 
-import torch
+import re
+from typing import Literal
 
-from ..config import NoWagVQConfig
-from ..errors import BadInput
-from .base import CompressedLinear, Method
+import torch
+from pydantic import Field, field_validator
+
+from ...config import Spec
+from ...errors import BadInput
+from ..base import CompressedLinear, WeightMethod
+from ..registry import register
 from .kmeans import matrix_subvectors, weighted_kmeans
-from .nowag_norm import denormalize, normalize
+from .norm import denormalize, normalize
 
 _FP16_MAX = 65504.0
 
 
-class NoWagVQ(Method):
-    name = "nowag-vq"
-    requires = ("hdiag",)
-    layerwise = True
+class NoWagVQConfig(Spec):
+    """NoWag-VQ: weighted k-means over d-dimensional subvectors of the normalized weight, one codebook of
+    K = 2^(bits·d) centroids per matrix, importance h_j = E[x_j²] as the per-coordinate weight."""
+
+    method: Literal["nowag-vq"] = "nowag-vq"
+    bits: int = Field(2, ge=1, le=4, description="Bits per weight of the codes: K = 2^(bits*d)")
+    d: int = Field(6, ge=1, le=16, description="Subvector length (consecutive inputs of a row)")
+    max_iter: int = Field(100, ge=1, le=1000, description="Lloyd iterations at most (stops early when stable)")
+    init: Literal["kmeans++", "kmeans++-clip"] = Field("kmeans++", description="Seeding: D² sampling, or the original code's clipped variant")
+    seed: int = 0
+
+    @field_validator("d")
+    @classmethod
+    def _codebook_size(cls, d: int, info) -> int:
+        bits = info.data.get("bits", 2)
+        if bits * d > 16:
+            raise ValueError(f"bits*d = {bits * d} > 16: a codebook of 2^{bits * d} centroids is too large (K <= 65536)")
+        return d
+
+
+_PRESET = re.compile(r"nowag-vq(\d)(?:d(\d+))?")
+# Subvector length by bits when a preset does not name one: K = 4096 centroids (12-bit indices).
+_DEFAULT_D = {1: 12, 2: 6, 3: 4, 4: 3}
+
+
+def parse_preset(name: str) -> list | None:
+    """`nowag-vq<bits>[d<dim>]`: nowag-vq2 = 2 bits, d = 6, K = 4096."""
+    if not (m := _PRESET.fullmatch(name)):
+        return None
+    bits = int(m.group(1))
+    d = int(m.group(2)) if m.group(2) else _DEFAULT_D.get(bits, 1)
+    return [NoWagVQConfig(bits=bits, d=d)]
+
+
+@register(NoWagVQConfig, presets=parse_preset, examples=("nowag-vq2", "nowag-vq3"))
+class NoWagVQ(WeightMethod):
+    statistics = ("hdiag",)
     config: NoWagVQConfig
 
     @property

@@ -16,12 +16,52 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..config import TRSPConfig
-from .layer_gates import gate_model, save_pruned
-from .structural import RestructureContext, StructuralMethod, calibration_batches, load_dense
+from ..base import RestructureContext
+from ..registry import register
+from .common import LayerPruneConfig, LayerPruneMethod, calibration_batches, load_dense, parse_layer_preset
+from .gates import gate_model, save_pruned
+
+
+class TRSPConfig(LayerPruneConfig):
+    """TRSP: gates on each block's residual contribution, L1-penalised and greedily masked (stage 1), then the
+    selected blocks pushed toward identity while the weights train (stage 2), then removal. The step, window
+    and sequence-length knobs size the CPU budget."""
+
+    method: Literal["trsp"] = "trsp"
+    # λ1: the paper reports 5e-3 (grid-searched on LLaMA2-7B), its released code hard-codes 100; the gates'
+    # L1 pull has to match the LM gradient of the model at hand. On SmolLM2-135M, 0.05 and 0.2 select the
+    # best set found (SLEB's); 5e-3, 0.02 and 0.5 sets whose removal costs 12-134% more held-out perplexity
+    # (benchmarks/README.md, layer pruning).
+    lambda1: float = Field(0.05, ge=0.0, description="L1 weight on the gates (stage 1); tune per model family")
+    lambda2: float = Field(1e-3, ge=0.0, description="Weight of the transfer penalty (stage 2)")
+    iterative: bool = Field(True, description="Greedy rounds (one block per round); False = one-shot selection")
+    steps: int = Field(16, ge=1, le=100_000, description="Gate-training steps per round (stage 1)")
+    lr: float = Field(0.05, gt=0.0, le=10.0, description="Adam learning rate of the gates (large: in 16 steps a gate must be able to approach 0)")
+    stage2_steps: int = Field(32, ge=0, le=100_000, description="Transfer steps (0 = no stage 2)")
+    stage2_lr: float = Field(2e-5, gt=0.0, le=1.0, description="AdamW learning rate of the block weights (stage 2)")
+    stage2_kept_only: bool = Field(False, description="Stage 2 updates only the kept blocks (and embeddings/norm)")
+    windows: int = Field(32, ge=1, le=100_000, description="Calibration windows used for training")
+    seqlen: int = Field(128, ge=8, description="Tokens per training window (calibration windows are cut)")
+    batch_size: int = Field(4, ge=1, le=1024, description="Windows per step")
+    seed: int = 0
+
+
+def parse_preset(name: str) -> list | None:
+    """`trsp-<percent>[-no-iter][-no-stage2]`: the ablations one-shot selection and no transfer stage."""
+    if (parsed := parse_layer_preset(name, "trsp")) is None:
+        return None
+    ratio, flags = parsed
+    kwargs = {"ratio": ratio}
+    if "-no-iter" in flags:
+        kwargs["iterative"] = False
+    if "-no-stage2" in flags:
+        kwargs["stage2_steps"] = 0
+    return [TRSPConfig(**kwargs)]
 
 
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -84,8 +124,9 @@ def transfer(model: torch.nn.Module, gates, selected: list[int], batches: torch.
     return losses
 
 
-class TRSP(StructuralMethod):
-    name = "trsp"
+# A chain: remove blocks first, then quantize the shallower model (recipes.preset joins steps with '+').
+@register(TRSPConfig, presets=parse_preset, examples=("trsp-25", "trsp-25-no-iter", "trsp-25+gwq-w4g64"))
+class TRSP(LayerPruneMethod):
     config: TRSPConfig
     finish_only_fields = ("lambda2", "stage2_steps", "stage2_lr", "stage2_kept_only")  # rounds ignore them
 

@@ -6,7 +6,7 @@ transform (the flow's transform stage, on calibration windows): minimise
 
 over the weights of every decoder linear (the ones that are quantized and entropy coded; embeddings
 and norms stay frozen), with ν re-estimated at every step by the moment-matching GGD fit of those
-weights pooled (methods/ggd.py). The rate term goes through the optimizer with the loss (the paper's
+weights pooled (gg/ggd.py). The rate term goes through the optimizer with the loss (the paper's
 formulation; the released reproduction applies a decoupled step with ε = 1 instead, see notes §B.2).
 AdamW without weight decay, `steps` steps of one window of `seqlen` tokens, windows cycled in a seeded
 order. λ = 0 has no rate term, so nothing is tuned: the checkpoint is copied byte for byte (an exact
@@ -19,16 +19,56 @@ tune → quantize → exp-Golomb.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from ..config import BackSlashConfig, EGConfig, RTNConfig
-from .base import CompressedLinear, Method
-from .entropy_coded import EntropyCoded
+from ...config import Spec
+from ..base import CompressedLinear, TransformsModel, WeightMethod
+from ..intq.rtn import RTNConfig, preset_group_size
+from ..registry import register
+from .entropy_coded import EGConfig, EntropyCoded
 from .ggd import shape_from_rho
+
+
+class BackSlashConfig(Spec):
+    """BackSlash: rate-constrained tuning, loss + λ·mean((|θ| + ε)^ν) over the decoder linears' weights with ν
+    re-estimated by a GGD fit at every step (AdamW on calibration windows), then RTN and exp-Golomb storage.
+    λ = 0 is an exact no-op (the tuned checkpoint is the input)."""
+
+    method: Literal["backslash"] = "backslash"
+    lam: float = Field(0.0, ge=0.0, description="Lagrange multiplier λ of the rate term")
+    eps: float = Field(1e-3, gt=0.0, le=1.0, description="ε in (|θ| + ε)^ν (soft gradient clipping)")
+    steps: int = Field(20, ge=1, le=100_000, description="Optimizer steps")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="AdamW learning rate (no weight decay)")
+    windows: int = Field(16, ge=1, le=100_000, description="Calibration windows used for training (cycled)")
+    seqlen: int = Field(256, ge=8, description="Tokens per training window (calibration windows are cut)")
+    bits: int = Field(8, ge=2, le=8, description="RTN bits after tuning")
+    group_size: int | None = Field(None, description="RTN group size; None = per output channel")
+    chunk: int = Field(4096, ge=1, le=2**20, description="Exp-Golomb codewords per sync offset")
+    seed: int = 0
+
+
+_PRESET = re.compile(r"backslash-l(\d+(?:\.\d+)?(?:e\d+)?)-w(\d)(?:g(\d+|c))?(?:-s(\d+))?"
+                     r"(?:-lr(\d+(?:\.\d+)?(?:e-?\d+)?))?")
+
+
+def parse_preset(name: str) -> list | None:
+    """`backslash-l<λ>-w<bits>[g<group>|gc][-s<steps>][-lr<lr>]`: tune, then RTN + exp-Golomb; λ = 0: no
+    tuning."""
+    if not (m := _PRESET.fullmatch(name)):
+        return None
+    kwargs = {"lam": float(m.group(1)), "bits": int(m.group(2)), "group_size": preset_group_size(m.group(3))}
+    if m.group(4):
+        kwargs["steps"] = int(m.group(4))
+    if m.group(5):
+        kwargs["lr"] = float(m.group(5))
+    return [BackSlashConfig(**kwargs)]
 
 
 def pooled_shape(weights: list[torch.Tensor]) -> float:
@@ -50,7 +90,7 @@ def rate(weights: list[torch.Tensor], nu: float, eps: float) -> torch.Tensor:
 
 def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashConfig) -> dict:
     """Write the BackSlash-tuned dense checkpoint of `src` into `dst`; returns the training record."""
-    from ..models import decoder_linears, load_model
+    from ...models import decoder_linears, load_model
 
     dst.mkdir(parents=True, exist_ok=True)
     if cfg.lam == 0:
@@ -95,10 +135,9 @@ def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashC
     return record
 
 
-class BackSlash(Method):
-    name = "backslash"
-    transforms_model = True
-    transform_input = "calibration"     # pipeline.transform hands over the calibration windows
+@register(BackSlashConfig, presets=parse_preset, examples=("backslash-l1000-w8gc-s20",))
+class BackSlash(WeightMethod, TransformsModel):
+    transform_input = "calibration"     # the transform stage hands over the calibration windows
     config: BackSlashConfig
 
     def __init__(self, config: BackSlashConfig):
@@ -117,4 +156,3 @@ class BackSlash(Method):
 
     def dequantize(self, c):
         return self.coder.dequantize(c)
-

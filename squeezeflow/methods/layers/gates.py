@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
+from ...errors import BadInput
 
 
 class GatedBlock(torch.nn.Module):

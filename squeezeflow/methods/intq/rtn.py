@@ -6,10 +6,57 @@ to fp16 *before* the codes are chosen, so the packed layer computes exactly the 
 """
 from __future__ import annotations
 
-import torch
+import re
+from typing import Literal
 
-from ..config import RTNConfig
-from .base import CompressedLinear, Method, check_group_size
+import torch
+from pydantic import Field, field_validator
+
+from ...config import Spec
+from ..base import CompressedLinear, WeightMethod, check_group_size
+from ..registry import register
+
+
+class IntGridConfig(Spec):
+    """Group-wise integer grid shared by RTN and GPTQ (packed as the `intq` format)."""
+
+    bits: int = Field(4, description="Bits per weight, 2..8")
+    group_size: int | None = Field(64, description="Inputs per group; None = one group per output channel")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {v}")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError(f"group_size must be positive or null (per-channel), got {v}")
+        return v
+
+
+class RTNConfig(IntGridConfig):
+    """Round-to-nearest, group-wise asymmetric min-max."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+def preset_group_size(group: str | None) -> int | None:
+    """A preset's `g<group>` part: `gc` or none means per output channel (None)."""
+    return None if group in (None, "c") else int(group)
+
+
+_PRESET = re.compile(r"rtn-w(\d+)(?:g(\d+|c))?")
+
+
+def parse_preset(name: str) -> list | None:
+    """`rtn-w<bits>[g<group>|gc]`: rtn-w4g64; no group or `gc` is per output channel."""
+    if m := _PRESET.fullmatch(name):
+        return [RTNConfig(bits=int(m.group(1)), group_size=preset_group_size(m.group(2)))]
+    return None
 
 
 def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -34,9 +81,8 @@ def dequantize_groupwise(codes: torch.Tensor, scales: torch.Tensor, zeros: torch
     return ((q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).reshape(out_f, in_f)
 
 
-class RTN(Method):
-    name = "rtn"
-    requires = ()
+@register(RTNConfig, presets=parse_preset, examples=("rtn-w4g64", "rtn-w3g64", "rtn-w8gc"))
+class RTN(WeightMethod):
     config: RTNConfig
 
     def check(self, linear_shapes):
