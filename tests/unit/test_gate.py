@@ -118,7 +118,7 @@ def test_stamp_seals_the_decision_into_a_new_self_consistent_artifact(tmp_path):
     forged = tmp_path / "forged"
     import shutil
 
-    shutil.copytree(path, forged, ignore=shutil.ignore_patterns(".squeezeflow-complete"))
+    shutil.copytree(path, forged, ignore=shutil.ignore_patterns(".squeezeflow-complete"), copy_function=shutil.copyfile)
     m = json.loads((forged / "manifest.json").read_text())
     m["lineage"]["gate"]["passed"] = False
     (forged / "manifest.json").write_bytes(canonical_json(m))

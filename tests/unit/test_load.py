@@ -34,7 +34,7 @@ def test_load_returns_model_and_tokenizer(artifact):
 
 def test_load_refuses_a_modified_artifact(artifact, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(artifact, copy)
+    shutil.copytree(artifact, copy, copy_function=shutil.copyfile)  # writable copies of 0444 files
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1

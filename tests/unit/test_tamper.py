@@ -39,7 +39,7 @@ def artifacts(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".squeezeflow-complete"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".squeezeflow-complete"), copy_function=shutil.copyfile)
     return dst
 
 
