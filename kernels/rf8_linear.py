@@ -32,7 +32,7 @@ Every code decodes exactly in fp32 (a 5-bit significand times a power of two), a
 normal fp32 number: the encoder keeps bias in [−126, 113].
 
 Encoder options: `encode(w)` rounds every weight on its own (recipe `rf8`); `encode(w, exp_bias)` uses
-biases fixed beforehand, which the GPTQ encoder (recipe `rf8-gptq`, methods/float8.py) needs: it fixes
+biases fixed beforehand, which the GPTQ encoder (recipe `rf8-gptq`, methods/gg/float8.py) needs: it fixes
 them from the original weights, then picks codes column by column while compensating each column's error
 on the next ones (gptq_core.gptq_elementwise). Updated weights may outgrow the top binade a little; they
 round to the nearer of 1.5·2^(bias+13) and the spare 2^(bias+14), and saturate there. Same format, same

@@ -1,5 +1,5 @@
 """VQLinear: the "vq" packed format, a normalized weight vector-quantized with one codebook per matrix
-(NoWag-VQ, squeezeflow/methods/nowag_vq.py).
+(NoWag-VQ, squeezeflow/methods/nowag/vq.py).
 
 quantization_config entry: ``{"format": "vq", "bits": b, "d": d, "k": K}`` with ``K == 2**(b*d)``
 (``b*d`` in 1..16): subvectors of ``d`` consecutive inputs of a row, each stored as a ``b*d``-bit index
