@@ -203,7 +203,7 @@ class LayerStream:
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
-        self.path = checked_dir(path)
+        self.path = Path(checked_dir(path))
         self.config = load_config(self.path, trust_remote_code)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32,

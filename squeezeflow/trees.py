@@ -255,13 +255,14 @@ def _rebuild(store: "ArtifactStore", ref: "Ref", dest: Path) -> None:
     write_marker(dest, ref, listing, store.uri, _fresh_stats(dest, listing))
 
 
-def checked_dir(path: str | os.PathLike) -> Path:
-    """`path`, verified first when it is a materialized tree (a marker beside it): a stage that got a
+def checked_dir(given: str | os.PathLike):
+    """`given`, verified first when it is a materialized tree (a marker beside it): a stage that got a
     directory from an earlier stage (a transformed or shallower model) re-checks it before reading,
-    and a tree that was changed is rebuilt from the store it came from. Other directories pass as is."""
-    path = Path(path)
+    and a tree that was changed is rebuilt from the store it came from. Anything else (another
+    directory, a hub model id) is returned exactly as given."""
+    path = Path(given)
     if not marker_path(path).exists() and not (path.parent.name == "trees" and _SHA.fullmatch(path.name)):
-        return path
+        return given
     marker = read_marker(path)
     expected = path.name if _SHA.fullmatch(path.name) else (marker or {}).get("tree")
     if marker is not None and marker["tree"] == expected:

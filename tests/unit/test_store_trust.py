@@ -156,8 +156,9 @@ def test_a_model_directory_from_the_store_is_checked_by_every_loader(tiny_model,
     assert ok
 
 
-def test_checked_dir_leaves_other_directories_alone(tiny_model):
-    assert trees.checked_dir(tiny_model) == Path(tiny_model)
+def test_checked_dir_leaves_everything_else_as_given(tiny_model):
+    assert trees.checked_dir(tiny_model) is tiny_model
+    assert trees.checked_dir("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"   # a hub id stays a str
 
 
 def test_assemble_publishes_the_stored_bytes_not_a_changed_tree(tiny_model, tmp_path):
