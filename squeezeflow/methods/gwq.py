@@ -3,7 +3,7 @@ decisions, since no reference code exists).
 
 Per weight matrix: score every weight, keep the top `outlier_frac` in fp16 as a sparse CSR matrix, and
 quantize the rest group-wise with the outliers excluded from their groups' min/max. Base quantizer RTN
-(layer-wise: statistics from the dense model, one task per block) or GPTQ (sequential, the outliers
+(per-block schedule: statistics from the dense model, one task per block) or GPTQ (sequential, the outliers
 treated as exactly representable: zero error, as SpQR does). Packed as "intq_outliers": the integer
 format of RTN/GPTQ, with each outlier's code set to its group's zero-point (it dequantizes to 0), plus
 the outliers added back: y = dequant(Wq)·x + W_outlier·x.

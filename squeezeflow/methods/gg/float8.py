@@ -2,7 +2,7 @@
 per-row scale (kernels/fp8_linear.py), its baseline.
 
 Two encoders per format, one packed format and loader:
-- default: every weight rounded on its own; layer-wise, no statistics;
+- default: every weight rounded on its own; per-block schedule, no statistics;
 - `gptq: true` (recipes rf8-gptq, fp8-e4m3-gptq): the row's exponent bias / scale is fixed from the
   original weight, then the codes are chosen column by column with GPTQ's error compensation against
   XᵀX (gptq_core.gptq_elementwise). Sequential like GPTQ: XᵀX is collected on activations through the

@@ -1,7 +1,7 @@
-"""GPTQ as a pipeline method: the integer grid of RTN, chosen column by column with second-order error
-compensation (gptq_core). Sequential: the flow runs it block by block on activations
-that went through the already-quantized blocks (the trunk's sequential schedule), collecting each linear's
-XᵀX ("xtx") on the fly. Packs into the same `intq` format as RTN, so one loader serves both.
+"""GPTQ as a weight method: the integer grid of RTN, chosen column by column with second-order error
+compensation (gptq_core). Schedule "sequential": the trunk runs it block by block on activations that
+went through the already-quantized blocks, collecting each linear's XᵀX ("xtx") on the fly. Packs into
+the same `intq` format as RTN, so one loader serves both.
 
 `keep_mask` is the hook for methods that hold some weights exactly (GWQ outliers, QUAD): override it to
 return a bool mask; those positions get zero error, are excluded from their group's range, and must be

@@ -1,4 +1,4 @@
-"""QUAD (and QuaRot, r = 0) as a pipeline method.
+"""QUAD (and QuaRot, r = 0) as a weight method that transforms the model and tunes the packed one.
 
 The flow first writes the transformed dense checkpoint (transform.py: norms fused, residual stream
 expanded by the top-r outlier directions and rotated; function-preserving), then runs this method
