@@ -267,6 +267,9 @@ def start(creds: dict[str, str], timeout: float, export: Callable[[dict], None],
         procs.stop_server(NAME, state, cleanup=remove_sockets)
         raise procs.ServiceError(f"embedded S3 server started without its protection on {', '.join(open_ports)} "
                                  f"(stopped it); see {procs.log_path(NAME)}")
+    # Only a server marked so is reused: one started by an older squeezeflow, unprotected, is replaced.
+    state["locked_down"] = True
+    procs.write_state(NAME, state)
     return state
 
 

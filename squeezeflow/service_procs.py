@@ -120,6 +120,8 @@ def _state_problem(state: object) -> str | None:
         return "ports are not a map of names to port numbers"
     if not isinstance(state.get("started", ""), str):
         return "started is not a time stamp"
+    if not isinstance(state.get("locked_down", False), bool):
+        return "locked_down is not true or false"
     return None
 
 
@@ -157,8 +159,8 @@ def forget_pid(name: str) -> None:
         with contextlib.suppress(OSError):  # absent, or a directory: the next start names it
             state_path(name).unlink()
         return
-    if any(k in state for k in ("pid", "pid_start", "started")):
-        for key in ("pid", "pid_start", "started"):
+    if any(k in state for k in ("pid", "pid_start", "started", "locked_down")):
+        for key in ("pid", "pid_start", "started", "locked_down"):
             state.pop(key, None)
         write_state(name, state)
 

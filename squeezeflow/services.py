@@ -76,7 +76,8 @@ def ensure_s3(timeout: float = 60.0) -> dict[str, Any]:
         # Export first: the readiness probe below uses boto3 with exactly these settings.
         if state.get("ports"):
             _export_s3_env(state, creds)
-        if not (state.get("pid") in server_pids("seaweedfs", state) and seaweedfs.probe(state) == "ok"):
+        if not (state.get("locked_down") and state.get("pid") in server_pids("seaweedfs", state)
+                and seaweedfs.probe(state) == "ok"):
             # Whatever runs on this data dir (found through its lock, whatever the state file says) goes.
             stop_server("seaweedfs", state, cleanup=seaweedfs.remove_sockets)
             state = seaweedfs.start(creds, timeout, lambda st: _export_s3_env(st, creds), _child_env())

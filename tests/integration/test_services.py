@@ -344,3 +344,37 @@ def test_protection_that_does_not_load_fails_the_start(fresh_services: Path, mon
         services.ensure_s3()
     data_dir = fresh_services / "seaweedfs" / "data"
     assert weed_pids(data_dir) == [] and not services.status()["seaweedfs"]["running"]
+
+
+def test_an_unprotected_server_from_before_is_replaced_not_reused(fresh_services: Path):
+    """A weed started the old way (no keys, no lock, all ports open) still runs: the next start replaces it."""
+    from squeezeflow import seaweedfs
+    from squeezeflow.service_procs import http_ok, private_dir, write_state
+
+    seaweedfs.credentials()
+    data_dir = private_dir(fresh_services / "seaweedfs" / "data")
+    ports = seaweedfs._ports(None)
+    flags = [f"-{name.split('_')[0]}.port{'.grpc' if name.endswith('_grpc') else ''}={port}"
+             for name, port in ports.items()]
+    old = subprocess.Popen(  # the command line squeezeflow used before the lock-down
+        [seaweedfs.weed_binary(), "-logtostderr", "mini", f"-dir={data_dir}", "-ip=127.0.0.1",
+         "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+         "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={seaweedfs.credentials_path()}", *flags],
+        cwd=data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        write_state("seaweedfs", {"pid": old.pid, "pid_start": proc_start_time(old.pid), "ports": ports})
+        deadline = time.monotonic() + 120
+        while not http_ok(f"http://127.0.0.1:{ports['s3']}/healthz") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert services.status()["seaweedfs"]["pid"] == old.pid  # recognised as this data dir's server
+
+        info = services.ensure_s3()
+        assert info["pid"] != old.pid and old.wait(timeout=30) is not None
+        assert weed_pids(data_dir) == [info["pid"]]
+        assert json.loads((fresh_services / "seaweedfs" / "state.json").read_text())["locked_down"] is True
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+        seaweedfs.remove_sockets({"ports": ports})
