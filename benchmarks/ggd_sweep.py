@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             m["eg"] = eg_sizes(packed_path)
         if (packed_path / "backslash.json").exists():
             m["backslash"] = {k: v for k, v in json.loads((packed_path / "backslash.json").read_text()).items() if k != "log"}
-        if plan.transform:
+        if plan.transforms:
             target = pipeline.transform(store, plan.model, plan.recipe, stats, calib)
             record = Path(target.path) / "backslash.json"
             if record.exists():

@@ -8,10 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from squeezeflow import pipeline
+from squeezeflow.stages.restructure import _structure_key
 from squeezeflow.calibration import CalibrationSet
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.methods.layers import TRSPConfig
-from squeezeflow.recipes import Recipe, preset
+from squeezeflow.recipes import preset
 from squeezeflow.errors import BadInput
 from squeezeflow.methods import get_method
 from squeezeflow.methods.layers.gates import delete_layers, gate_model, layers_to_remove, save_pruned
@@ -140,7 +141,7 @@ def test_stage1_picks_the_identity_block_and_resume_is_exact(smollm_truncated, t
 
 def test_round_failure_then_resume_gives_the_same_result(tiny4, tmp_path):
     cfg = TRSPConfig(ratio=0.5, steps=2, stage2_steps=2, windows=4, seqlen=16)
-    recipe = Recipe(name="trsp-test", methods=[cfg])
+    recipe = pipeline.Recipe(name="trsp-test", methods=[cfg])
     plan = pipeline.preflight(ModelRef(ref=str(tiny4)), recipe, CALIB, EVAL)
     clean = LocalStore(tmp_path / "clean")
     calib = pipeline.calibrate(clean, plan.model, plan.calibration)
@@ -160,7 +161,7 @@ def test_round_failure_then_resume_gives_the_same_result(tiny4, tmp_path):
     seen = []
 
     def recording(store, model, config, c, k, state):
-        seen.append((k, store.get_index(f"{pipeline._structure_key(model, config, c, rounds=True)}-round-{k}") is not None))
+        seen.append((k, store.get_index(f"{_structure_key(model, config, c, rounds=True)}-round-{k}") is not None))
         return pipeline.structure_round(store, model, config, c, k, state)
 
     resumed = pipeline.restructure(crashy, plan.model, cfg, calib2, round_fn=recording)
@@ -183,7 +184,7 @@ def test_baselines_remove_the_expected_layers(tiny4, tmp_path):
     for name in ("lastlayers-50", "shortgpt-50", "sleb-50"):
         plan = pipeline.preflight(ModelRef(ref=str(tiny4)), name, CALIB, EVAL)
         calib = pipeline.calibrate(store, plan.model, plan.calibration)
-        step = pipeline.apply_structure(store, plan, calib)[0]
+        step = pipeline.restructure(store, plan.model, plan.recipe.methods[0], calib)
         assert len(step.record["removed"]) == 2 and step.model.num_layers == 2
         if name.startswith("lastlayers"):
             assert step.record["removed"] == [1, 2]          # the final block stays

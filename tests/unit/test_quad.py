@@ -133,7 +133,7 @@ def test_presets():
 def test_quad_pipeline_end_to_end(tiny_model, tmp_path):
     store = LocalStore(tmp_path)
     plan = pipeline.preflight(ModelRef(ref=str(tiny_model)), "quad-w4a4a8", CALIB, EVAL)
-    assert plan.transform and plan.sequential and "residual_cov" in plan.statistics
+    assert plan.transforms and plan.sequential and "residual_cov" in plan.statistics
     assert plan.recipe.methods[0].r == 8          # capped at hidden / 8, and the recipe says so
     out = run_stages(store, plan)
     packed = store.materialize(out["packed"])
@@ -183,7 +183,7 @@ def test_peft_tunes_only_outliers_and_scales(tiny_model, tmp_path):
 
     store = LocalStore(tmp_path)
     plan = pipeline.preflight(ModelRef(ref=str(tiny_model)), "quad-w4a4a8-peft4", CALIB, EVAL)
-    assert plan.tune
+    assert plan.tunes
     calib = pipeline.calibrate(store, plan.model, plan.calibration)
     stats = pipeline.saliency(store, plan.model, calib, plan.statistics)
     target = pipeline.transform(store, plan.model, plan.recipe, stats)
