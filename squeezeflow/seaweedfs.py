@@ -118,12 +118,13 @@ def conf_dir() -> Path:
 
 
 def _security_toml(conf: Path, keys: list[str]) -> str:
+    q = json.dumps  # a JSON string is a valid TOML basic string: paths with quotes stay paths
     lines = ["# Made by squeezeflow for this data directory; owner-only. weed reads it through -config_dir."]
     for section, key in zip(_JWT_SECTIONS, keys):
-        lines += [f"[{section}]", f'key = "{key}"', f"expires_after_seconds = {_JWT_SECONDS}"]
-    lines += ["[grpc]", f'ca = "{conf / "ca.crt"}"']
+        lines += [f"[{section}]", f"key = {q(key)}", f"expires_after_seconds = {_JWT_SECONDS}"]
+    lines += ["[grpc]", f"ca = {q(str(conf / 'ca.crt'))}"]
     for component in _GRPC_COMPONENTS:
-        lines += [f"[grpc.{component}]", f'cert = "{conf / "node.crt"}"', f'key = "{conf / "node.key"}"']
+        lines += [f"[grpc.{component}]", f"cert = {q(str(conf / 'node.crt'))}", f"key = {q(str(conf / 'node.key'))}"]
     return "\n".join(lines) + "\n"
 
 
