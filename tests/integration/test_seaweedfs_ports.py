@@ -32,10 +32,11 @@ from pathlib import Path
 import pytest
 
 from sf_testing import tally
+from squeezeflow import services
 
 pytestmark = pytest.mark.integration
 
-LABEL = "embedded S3 server sockets refusing unauthenticated writes"
+LABEL = "embedded S3 server ports and sockets refusing unauthenticated writes"
 
 
 # --- what the server process listens on ---------------------------------------------------------------
@@ -78,7 +79,11 @@ def listening_sockets(pid: int) -> list[tuple[str, int | str]]:
 
 # --- talking to one socket ------------------------------------------------------------------------------
 
-def _connect(endpoint, timeout: float = 10.0) -> socket.socket:
+# Generous: a slow answer must not pass for a refusal on a loaded machine.
+TIMEOUT_S = 60.0
+
+
+def _connect(endpoint, timeout: float = TIMEOUT_S) -> socket.socket:
     kind, where = endpoint
     if kind == "tcp":
         return socket.create_connection(("127.0.0.1", where), timeout=timeout)
@@ -90,7 +95,7 @@ def _connect(endpoint, timeout: float = 10.0) -> socket.socket:
 
 class _Conn(http.client.HTTPConnection):
     def __init__(self, endpoint):
-        super().__init__("127.0.0.1", endpoint[1] if endpoint[0] == "tcp" else 80, timeout=10)
+        super().__init__("127.0.0.1", endpoint[1] if endpoint[0] == "tcp" else 80, timeout=TIMEOUT_S)
         self.endpoint = endpoint
 
     def connect(self):
@@ -252,7 +257,8 @@ def _signed_with_wrong_secret(endpoint, path: str, body: bytes, access_key: str)
 def test_no_server_socket_accepts_an_unauthenticated_write(s3_server: dict):
     from squeezeflow.s3 import client
 
-    bucket, pid = s3_server["bucket"], s3_server["pid"]
+    info = services.ensure_s3()  # the session's server, restarted if an earlier test stopped it
+    bucket, pid = info["bucket"], info["pid"]
     s3 = client()
     prefix = f"probe-{uuid.uuid4().hex[:10]}"
     victim = f"{prefix}-victim"
@@ -260,7 +266,7 @@ def test_no_server_socket_accepts_an_unauthenticated_write(s3_server: dict):
 
     endpoints = listening_sockets(pid)
     tcp_ports = {where for kind, where in endpoints if kind == "tcp"}
-    s3_port = int(s3_server["endpoint"].rsplit(":", 1)[1])
+    s3_port = int(info["endpoint"].rsplit(":", 1)[1])
     # master, volume, filer, S3 and admin each have an HTTP and a gRPC port: the discovery must see them.
     assert s3_port in tcp_ports and len(tcp_ports) >= 8, endpoints
 
