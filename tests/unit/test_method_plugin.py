@@ -125,3 +125,20 @@ def test_plugin_packs_what_its_dequantize_says(plugin_dir, tiny_model, tmp_path,
                 torch.testing.assert_close(layer(x), x @ expected.T, rtol=1e-4, atol=1e-5)
             checked += 1
     assert checked == 7 * dense.config.num_hidden_layers
+
+
+def test_a_broken_plugin_is_one_line_exit_2(tiny_model, tmp_path):
+    """A plugin whose module fails to import is named in one line before any server or heavy work."""
+    (tmp_path / "sf_broken_plugin.py").write_text("raise ImportError('needs a library that is not installed')\n")
+    info = tmp_path / "sf_broken_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sf-broken-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[squeezeflow.methods]\nbroken = sf_broken_plugin\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+               SQUEEZEFLOW_STORE=str(tmp_path / "store"), SQUEEZEFLOW_SERVICES=str(tmp_path / "services"))
+    p = subprocess.run([sys.executable, "-m", "squeezeflow.cli", "compress", str(tiny_model), "--recipe", "rtn-w4g32",
+                        "--no-publish"], capture_output=True, text=True, env=env, timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert "method plugin 'broken' (sf_broken_plugin) failed to load: ImportError: needs a library" in lines[0]
+    assert not (tmp_path / "services").exists() and not (tmp_path / "store").exists()
