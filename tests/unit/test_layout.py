@@ -84,3 +84,13 @@ def _imports_of(tree, name, path):
                 base = ".".join(anchor + ([base] if base else []))
             out |= {f"{base}.{a.name}" for a in node.names} | {base}
     return out
+
+
+def test_every_package_is_installed():
+    """A subpackage missing from pyproject's list works in the editable checkout and is absent from wheels."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"squeezeflow." + ".".join(p.parent.relative_to(ROOT / "squeezeflow").parts)
+             for p in (ROOT / "squeezeflow").rglob("__init__.py") if p.parent != ROOT / "squeezeflow"}
+    assert found - listed == set()
