@@ -50,7 +50,13 @@ def lookup(store: ArtifactStore, key: str, out_type: Any) -> Any | None:
     ref = store.get_index(key)
     if ref is None:
         return None
-    return TypeAdapter(out_type).validate_python(store.get_json(ref))
+    try:
+        return TypeAdapter(out_type).validate_python(store.get_json(ref))
+    except (ValueError, UnicodeDecodeError) as e:  # JSON or schema: never any other decoder (no pickle)
+        from .errors import IntegrityError
+
+        raise IntegrityError(f"the stored result of stage {key[:40]}… is not what that stage writes "
+                             f"({type(e).__name__}); remove the store's index entry {key!r} to recompute it") from None
 
 
 def remember(store: ArtifactStore, key: str, out_type: Any, value: Any) -> None:
