@@ -2,7 +2,7 @@
 submitted (they fan out over the task runner: threads, Dask, one GPU each), the others run in line."""
 from __future__ import annotations
 
-from prefect.states import Completed
+from prefect.states import Completed, State
 
 from squeezeflow import dag
 from squeezeflow.dag import Stage
@@ -27,4 +27,5 @@ def prefect_call(store_uri: str, stage: Stage, inputs: dict):
     if stage.fan_out:
         with block_annotations():  # on Dask with GPU workers: one GPU per block task; else a no-op
             return task.submit(store_uri, stage.kind, inputs)
-    return task(store_uri, stage.kind, inputs)
+    out = task(store_uri, stage.kind, inputs)
+    return out.result() if isinstance(out, State) else out  # a remembered stage's "Cached" state

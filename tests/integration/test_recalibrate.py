@@ -130,7 +130,7 @@ def test_bad_input_is_refused_before_any_work(production):
     reg = production["registry"]
     [uri] = production_entries(reg, [])
     fresh = FreshCalibration(source=str(production["fresh"]))
-    assert prepare(reg, uri, fresh, "").plan.recipe.name == RECIPE  # the valid case preflights
+    assert prepare(reg, uri, fresh, "").job.recipe.name == RECIPE  # the valid case preflights
     with pytest.raises(BadInput, match="recipe 'rtn-w99'"):
         prepare(reg, uri, fresh, "rtn-w99")
     with pytest.raises(BadInput, match="not found"):
