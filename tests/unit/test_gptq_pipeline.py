@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from squeezeflow import pipeline
+from squeezeflow.stages import compress as compress_stage
 from squeezeflow.calibration import CalibrationSet
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.models import load_model
@@ -56,12 +57,12 @@ def test_sequential_resumes_from_block_checkpoint(tiny_model, tmp_path, monkeypa
             raise RuntimeError("killed")
         return real(store_, method, block, *a, **k)
 
-    monkeypatch.setattr(pipeline, "compress_weights", crash_on_second_block)
+    monkeypatch.setattr(compress_stage, "compress_weights", crash_on_second_block)
     with pytest.raises(RuntimeError, match="killed"):
         pipeline.compress_sequential(store, plan.model, plan.recipe, calib, stats)
     resumed = pipeline.compress_sequential(store, plan.model, plan.recipe, calib, stats)
     assert calls == [0, 1, 1]  # block 0 came from the checkpoint
-    monkeypatch.setattr(pipeline, "compress_weights", real)
+    monkeypatch.setattr(compress_stage, "compress_weights", real)
     fresh = pipeline.compress_sequential(LocalStore(tmp_path / "fresh"), plan.model, plan.recipe,
                                          LocalStore(tmp_path / "fresh").put_bytes(store.get_bytes(calib), calib.kind),
                                          pipeline.saliency(LocalStore(tmp_path / "fresh"), plan.model,
