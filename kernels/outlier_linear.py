@@ -47,6 +47,8 @@ def column_dtype(in_features: int) -> torch.dtype:
 
 class OutlierQuantLinear(QuantLinear):
     format_name = FORMAT_NAME
+    triton_kernel = True
+    compressed_tensors = None  # the fp16 outliers have no compressed-tensors equivalent
     packed_fields = ("qweight", "scales", "zeros", "outlier_row_ptr", "outlier_col", "outlier_values")
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, nnz: int,

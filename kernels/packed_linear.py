@@ -30,6 +30,11 @@ class PackedLinear(nn.Module):
 
     format_name: ClassVar[str]
     packed_fields: ClassVar[tuple[str, ...]]
+    # What else can run this format, declared here so compatibility and export read the format registry
+    # instead of keeping lists: a Triton kernel (CUDA) beside the torch reference, and the
+    # compressed-tensors form `squeezeflow export` writes ("pack-quantized", "dense"), or None.
+    triton_kernel: ClassVar[bool] = False
+    compressed_tensors: ClassVar[str | None] = None
     bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32) -> None:

@@ -47,6 +47,8 @@ class QuantLinear(PackedLinear):
     """
 
     format_name = FORMAT_NAME
+    triton_kernel = True
+    compressed_tensors = "pack-quantized"
     packed_fields = ("qweight", "scales", "zeros")
 
     qweight: torch.Tensor

@@ -68,6 +68,7 @@ class SparseLinear(PackedLinear):
     """Unstructured sparse linear: 1-bit keep mask per weight + the kept values in fp16."""
 
     format_name = "sparse"
+    compressed_tensors = "dense"
     packed_fields = ("mask", "values")
     _KEYS = frozenset({"nnz"})
 
@@ -125,6 +126,7 @@ class NMLinear(PackedLinear):
     their in-group positions."""
 
     format_name = "nm"
+    compressed_tensors = "dense"
     packed_fields = ("values", "indices")
     _KEYS = frozenset({"n", "m"})
 

@@ -50,6 +50,7 @@ class VQLinear(PackedLinear):
     """
 
     format_name = FORMAT_NAME
+    triton_kernel = True
     packed_fields = ("qcodes", "codebook", "row_norms", "col_norms")
 
     qcodes: torch.Tensor

@@ -14,12 +14,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-# Formats whose module runs a Triton kernel when SQUEEZEFLOW_KERNELS allows it (kernels/*_linear.py call
-# use_triton); the others always dequantize and run F.linear. A unit test keeps this in step with kernels/.
-TRITON_FORMATS = frozenset({"intq", "intq_outliers", "vq"})
-# Formats squeezeflow/export.py translates to compressed-tensors (intq -> pack-quantized, pruned -> dense);
-# a unit test checks this against export.py's own refusal list.
-COMPRESSED_TENSORS_FORMATS = frozenset({"intq", "sparse", "nm"})
+from .kernels.formats import FORMATS
+
+# What each format declares (kernels/packed_linear.py: triton_kernel, compressed_tensors); unit tests keep
+# the declarations in step with the kernels' dispatch and with what export.py accepts.
+TRITON_FORMATS = frozenset(name for name, cls in FORMATS.items() if cls.triton_kernel)
+COMPRESSED_TENSORS_FORMATS = frozenset(name for name, cls in FORMATS.items() if cls.compressed_tensors)
 TESTED_LIBRARIES = ("torch", "transformers", "safetensors", "prefect")
 
 
