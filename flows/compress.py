@@ -1,7 +1,5 @@
-"""The compress flow: preflight, then the job's plan (squeezeflow/dag.py) run as Prefect tasks —
-calibrate -> statistics -> evaluate fp32 -> [restructure] -> [transform] -> compress (per block or
-sequential) -> pack -> [tune] -> evaluate -> assemble -> publish. Every stage's output is remembered in
-the store under its inputs' key, so a run that crashed resumes where it stopped."""
+"""The compress flow: preflight, then the job's plan (squeezeflow/dag.py) run as Prefect tasks. Every
+stage's output is remembered in the store under its inputs' key: a run that crashed resumes there."""
 from __future__ import annotations
 
 import re
@@ -44,7 +42,7 @@ def run_plan(stages: list[dag.Stage], store: str, key: str, title: str) -> dict:
 def compress_flow(model: ModelRef = ModelRef(), recipe: RecipeSpec = "rtn-w4g64",
                   calibration: CalibrationSpec = CalibrationSpec(), evaluation: EvalSpec = EvalSpec(),
                   destinations: Destinations = Destinations()) -> dict:
-    """Compress `model` with `recipe` (a preset such as rtn-w4g64 / rtn-w3g64, or a recipe YAML path).
+    """Compress `model` with `recipe` (a preset such as rtn-w4g64, or a recipe YAML path).
 
     Args:
         model: The model to compress: a prepared name, a local HF directory, a registry alias or s3:// URI.

@@ -29,7 +29,7 @@ def imports(name: str, path: Path) -> set[str]:
 def test_no_file_is_a_room_for_everything():
     big = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > 450}
     assert big == {}
-    assert len((ROOT / "flows" / "compress.py").read_text().splitlines()) <= 70
+    assert len((ROOT / "flows" / "compress.py").read_text().splitlines()) <= 65
 
 
 def test_kernels_know_no_method_and_the_library_imports_no_prefect():
