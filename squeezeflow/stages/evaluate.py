@@ -11,6 +11,7 @@ from .. import progress
 from ..config import EvalSpec
 from ..job import ModelInfo, target_linears
 from ..models import load_tokenizer
+from ..rng import isolated_rng
 from ..store import ArtifactStore, Ref
 
 
@@ -46,11 +47,7 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
     from ..evaluation.perplexity import perplexity
     from ..models import load_model
 
-    # Packed layers that draw random numbers at load (none today) would draw from this generator's state,
-    # not from whatever the caller's global RNG holds.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = load_model(path, torch.float32, model.trust_remote_code)
+    net = _load_seeded(path, model.trust_remote_code)
     for module in net.modules():  # decode each packed weight once, not on every forward
         if hasattr(module, "cache_dequantized"):
             module.cache_dequantized = True
@@ -80,6 +77,16 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
 
     metrics.update(size_report(path, target_linears(Path(model.path), model.trust_remote_code)))
     return metrics
+
+
+@isolated_rng
+def _load_seeded(path: Path, trust_remote_code: bool):
+    """The checkpoint loaded with a fixed seed (anything drawn while loading is reproducible) on a forked
+    generator (the caller's global one is left as it was)."""
+    from ..models import load_model
+
+    torch.manual_seed(0)
+    return load_model(path, torch.float32, trust_remote_code)
 
 
 def cloze_accuracy(net, model: ModelInfo, spec: EvalSpec) -> dict:

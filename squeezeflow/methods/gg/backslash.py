@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 
 from ...config import Spec
+from ...rng import isolated_rng
 from ..base import CompressedLinear, TransformsModel, WeightMethod
 from ..intq.rtn import RTNConfig, preset_group_size
 from ..registry import register
@@ -88,6 +89,7 @@ def rate(weights: list[torch.Tensor], nu: float, eps: float) -> torch.Tensor:
     return sum(((w.abs() + eps) ** nu).sum() for w in weights) / n
 
 
+@isolated_rng
 def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashConfig) -> dict:
     """Write the BackSlash-tuned dense checkpoint of `src` into `dst`; returns the training record."""
     from ...models import decoder_linears, load_model

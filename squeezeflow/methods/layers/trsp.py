@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ...rng import isolated_rng
 from ..base import RestructureContext
 from ..registry import register
 from .common import LayerPruneConfig, LayerPruneMethod, calibration_batches, load_dense, parse_layer_preset
@@ -143,6 +144,7 @@ class TRSP(LayerPruneMethod):
             gates[i].gate.data.fill_(0.0)
         return model, gates
 
+    @isolated_rng
     def run_round(self, src: Path, k: int, state: dict, ctx: RestructureContext) -> dict:
         cfg = self.config
         started = time.perf_counter()
@@ -164,6 +166,7 @@ class TRSP(LayerPruneMethod):
                                                         "loss_last": losses[-1] if losses else None,
                                                         "seconds": round(time.perf_counter() - started, 2)}]}
 
+    @isolated_rng
     def finish(self, src: Path, dst: Path, state: dict, ctx: RestructureContext) -> dict:
         cfg = self.config
         selected = sorted(state["selected"])

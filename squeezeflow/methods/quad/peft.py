@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...kernels.quad_linear import QuadLinear
+from ...rng import isolated_rng
 
 TUNED_FIELDS = ("scales", "w_outlier")
 
@@ -42,6 +43,7 @@ def _make_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+@isolated_rng
 def tune_packed(src: Path, dst: Path, windows: torch.Tensor, steps: int, lr: float, seed: int) -> dict:
     """Tune the packed QUAD checkpoint `src` into `dst`; returns the training record."""
     from safetensors.torch import load_file, save
