@@ -12,7 +12,7 @@ from squeezeflow.stages.restructure import _structure_key
 from squeezeflow.calibration import CalibrationSet
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.methods.layers import TRSPConfig
-from squeezeflow.recipes import preset
+from squeezeflow.recipes import Recipe, preset
 from squeezeflow.errors import BadInput
 from squeezeflow.methods import get_method
 from squeezeflow.methods.layers.gates import delete_layers, gate_model, layers_to_remove, save_pruned
@@ -141,7 +141,7 @@ def test_stage1_picks_the_identity_block_and_resume_is_exact(smollm_truncated, t
 
 def test_round_failure_then_resume_gives_the_same_result(tiny4, tmp_path):
     cfg = TRSPConfig(ratio=0.5, steps=2, stage2_steps=2, windows=4, seqlen=16)
-    recipe = pipeline.Recipe(name="trsp-test", methods=[cfg])
+    recipe = Recipe(name="trsp-test", methods=[cfg])
     plan = pipeline.preflight(ModelRef(ref=str(tiny4)), recipe, CALIB, EVAL)
     clean = LocalStore(tmp_path / "clean")
     calib = pipeline.calibrate(clean, plan.model, plan.calibration)
