@@ -67,6 +67,7 @@ def prepare(reg: Registry, uri: str, calibration: FreshCalibration, recipe_overr
     recipe = recipe_override or Recipe.model_validate(lineage["recipe"])
     job = pipeline.preflight(ModelRef(ref=lineage["model"]["ref"]), recipe,
                               calibration.spec_for(lineage.get("calibration") or {}), gate_lib.eval_spec(manifest))
+    gate_lib.check_recorded_texts(manifest, job.evaluation_sha256)  # production's own evaluation text
     if job.model.fingerprint != lineage["model"]["fingerprint"]:
         raise BadInput(f"{uri}: its base model {lineage['model']['ref']!r} has changed since production was built "
                        f"(fingerprint {job.model.fingerprint[:12]} != {lineage['model']['fingerprint'][:12]}); "

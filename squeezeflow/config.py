@@ -55,7 +55,9 @@ class EvalSpec(Spec):
     `max_windows` of them, evenly spaced over the text (None = all). KL and top-1 agreement against the
     base model use the first `kl_windows` of them; cloze tasks are built from `cloze_split` with `seed`."""
 
-    splits: tuple[str, ...] = ("sotu-2000-2021", "moby-dick")
+    splits: tuple[str, ...] = Field(("sotu-2000-2021", "moby-dick"), min_length=1, title="Evaluation sources",
+                                    description="Held-out texts, as calibration sources: named splits, local "
+                                                ".txt/.jsonl files or directories, s3:// prefixes")
     seqlen: int = Field(512, ge=16)
     max_windows: int | None = Field(16, ge=1)
     kl_windows: int = Field(4, ge=0, description="Windows per split for KL and top-1 agreement vs the base model")

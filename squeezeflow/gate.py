@@ -78,6 +78,20 @@ def eval_spec(manifest: dict) -> EvalSpec:
                     kl_windows=max(kl) if kl else EvalSpec().kl_windows, cloze_items=0)
 
 
+def check_recorded_texts(manifest: dict, texts_sha256: dict[str, str]) -> None:
+    """Production's evaluation sources still hold the text it was measured on (`texts_sha256`: what
+    preflight read from them now). A file or s3:// prefix edited since would have the gate compare both
+    artifacts on other text than production's recorded numbers: one line naming the source instead."""
+    protocols = manifest["metrics"]["protocol"]["evaluation"]
+    changed = [split for split, p in protocols.items()
+               if p.get("corpus_sha256") and texts_sha256.get(split) != p["corpus_sha256"]]
+    if changed:
+        split = changed[0]
+        raise BadInput(f"evaluation source {split!r} no longer holds the text production was evaluated on "
+                       f"(sha256 {str(texts_sha256.get(split))[:12]}… != recorded "
+                       f"{protocols[split]['corpus_sha256'][:12]}…); restore it or re-compress production")
+
+
 def _criterion(name: str, split: str, candidate, limit: float, production) -> dict[str, Any]:
     ok = isinstance(candidate, (int, float)) and math.isfinite(candidate) and candidate <= limit
     return {"criterion": name, "split": split, "candidate": candidate, "production": production,

@@ -135,7 +135,7 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     for step in recipe.methods[:n_struct]:
         layers_left = get_method(step).check_layers(layers_left)
     calib_sha = load_text(calibration.source).sha256  # readable and non-empty, or a BadInput naming it
-    eval_sha = {split: load_text(split).sha256 for split in evaluation.splits}
+    eval_sha = {split: load_text(split, "evaluation source").sha256 for split in evaluation.splits}
     info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
                      num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
     common = dict(model=info, calibration=calibration, evaluation=evaluation, calibration_sha256=calib_sha,

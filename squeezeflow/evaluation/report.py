@@ -6,6 +6,14 @@ CAVEAT_4BIT = ("SmolLM2-135M ships as GGUF Q4_1: its linear weights already sit 
                "are the informative settings. The baseline is the dequantized fp32 model.")
 
 
+def split_label(source: str) -> str:
+    """A held-out split's short name for table headers: a named split as is, a file, directory or s3://
+    prefix by its last path component (`my.txt`); the protocol lines below a table give the full source."""
+    if "/" not in source:
+        return source
+    return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
 def _fmt_size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
@@ -13,7 +21,7 @@ def _fmt_size(n: int) -> str:
 def render(metrics: dict, base: dict, lineage: dict, layer_errors: dict[str, dict]) -> str:
     splits = list(base["perplexity"])
     lines = [f"# {lineage['model']['name']} · {metrics['recipe']}", "",
-             "| model | " + " | ".join(f"ppl {s}" for s in splits) + " | bits/weight | sparsity | size |",
+             "| model | " + " | ".join(f"ppl {split_label(s)}" for s in splits) + " | bits/weight | sparsity | size |",
              "|---" * (len(splits) + 4) + "|"]
     for m in (base, metrics):
         cells = [f"{m['perplexity'][s]:.3f}" for s in splits]
@@ -26,7 +34,8 @@ def render(metrics: dict, base: dict, lineage: dict, layer_errors: dict[str, dic
               "- Perplexity: exp(mean next-token NLL) of the packed model loaded with `from_pretrained`, "
               "no BOS, each window scored alone."]
     for split, p in metrics["protocol"]["evaluation"].items():
-        lines.append(f"- `{split}`: {p['windows']} windows × {p['seqlen']} tokens ({p['selection']}) "
+        name = f"`{split}`" if split_label(split) == split else f"`{split_label(split)}` (`{split}`)"
+        lines.append(f"- {name}: {p['windows']} windows × {p['seqlen']} tokens ({p['selection']}) "
                      f"of {p['corpus_tokens']} tokens; corpus sha256 {p['corpus_sha256'][:16]}…")
     lines.append("- Bits per weight: bytes of every stored field of the targeted linears (codes, scales, zeros, "
                  "masks, values, indices, codebooks, norms) × 8 / their weight count. Sparsity: the fraction of "
