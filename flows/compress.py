@@ -1,5 +1,4 @@
-"""The compress flow: preflight, then the job's plan (squeezeflow/dag.py) run as Prefect tasks. Every
-stage's output is remembered in the store under its inputs' key: a run that crashed resumes there."""
+"""The compress flow: preflight, then the job's plan (squeezeflow/dag.py) as Prefect tasks; a crashed run resumes."""
 from __future__ import annotations
 
 import re
@@ -10,7 +9,7 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
 from squeezeflow import dag, pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
 from squeezeflow.flows.run_progress import flow_progress
 from squeezeflow.recipes import RecipeSpec
 from squeezeflow.settings import store_uri as default_store_uri
@@ -41,7 +40,7 @@ def run_plan(stages: list[dag.Stage], store: str, key: str, title: str) -> dict:
 @flow(name="compress", log_prints=True, persist_result=False)
 def compress_flow(model: ModelRef = ModelRef(), recipe: RecipeSpec = "rtn-w4g64",
                   calibration: CalibrationSpec = CalibrationSpec(), evaluation: EvalSpec = EvalSpec(),
-                  destinations: Destinations = Destinations()) -> dict:
+                  destinations: Destinations = Destinations(), compute: ComputeSpec = ComputeSpec()) -> dict:
     """Compress `model` with `recipe` (a preset such as rtn-w4g64, or a recipe YAML path).
 
     Args:
@@ -50,12 +49,13 @@ def compress_flow(model: ModelRef = ModelRef(), recipe: RecipeSpec = "rtn-w4g64"
         calibration: Calibration text and how many windows of it the statistics are collected on.
         evaluation: Held-out perplexity protocol, run on the packed model loaded back from its files.
         destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
+        compute: Device (auto = CUDA when present) and precision the stages compute in.
     """
-    started = time.perf_counter()
-    job = pipeline.preflight(model, recipe, calibration, evaluation)
+    started, job = time.perf_counter(), pipeline.preflight(model, recipe, calibration, evaluation, compute)
     store = destinations.store or default_store_uri()
     registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
-    get_run_logger().info("compressing %s (%s) with %s", job.model.name, job.model.fingerprint[:12], job.recipe.name)
+    get_run_logger().info("compressing %s (%s) with %s on %s", job.model.name, job.model.fingerprint[:12],
+                          job.recipe.name, job.compute.device)
     outputs = run_plan(dag.plan(job, registry), store, table_artifact_key("compress-progress", job.recipe.name),
                        f"{job.model.name} · {job.recipe.name}: progress")
     out = pipeline.by_role(job, outputs)

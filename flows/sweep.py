@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from squeezeflow import dag, pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
 from squeezeflow.evaluation import plots
 from squeezeflow.evaluation.comparison import comparison_files
 from squeezeflow.flows.compress import Destinations, run_plan, table_artifact_key
@@ -28,6 +28,7 @@ def sweep_flow(
     calibration: CalibrationSpec = CalibrationSpec(),
     evaluation: EvalSpec = EvalSpec(),
     destinations: Destinations = Destinations(),
+    compute: ComputeSpec = ComputeSpec(),
 ) -> dict:
     """Compress `model` with every recipe in `recipes` and compare them against the fp32 baseline.
 
@@ -37,9 +38,10 @@ def sweep_flow(
         calibration: Calibration text, shared by every recipe (one statistics pass for all of them).
         evaluation: Held-out perplexity protocol, run on each packed model loaded back from its files.
         destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
+        compute: Device (auto = CUDA when present) and precision the stages compute in.
     """
     started = time.perf_counter()
-    jobs = [pipeline.preflight(model, r, calibration, evaluation) for r in recipes]  # all valid, or none runs
+    jobs = [pipeline.preflight(model, r, calibration, evaluation, compute) for r in recipes]  # all valid, or none runs
     store = destinations.store or default_store_uri()
     registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
     m = jobs[0].model

@@ -77,14 +77,26 @@ def _specs(args):
         raise BadInput(one_line(e)) from None
 
 
+def _compute(args):
+    """--device / --dtype as a ComputeSpec (unresolved: preflight resolves it, and refuses CUDA not here)."""
+    from pydantic import ValidationError
+
+    from .config import ComputeSpec, one_line
+
+    try:
+        return ComputeSpec(**{k: v for k, v in {"device": args.device, "dtype": args.dtype}.items() if v is not None})
+    except ValidationError as e:
+        raise BadInput(one_line(e)) from None
+
+
 def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, store: str | None, publish: bool = True,
-                 runner=None) -> list[dict]:
+                 runner=None, compute=None) -> list[dict]:
     """Preflight every recipe, then run the flow once per recipe on the configured Prefect server;
     `runner` (a runners.RunnerSpec, default: Prefect's thread pool) runs the per-block tasks."""
     from . import pipeline, runners
 
     for r in recipes:  # fail fast, before any server starts
-        pipeline.preflight(model_ref, r, calib, evaluation)
+        pipeline.preflight(model_ref, r, calib, evaluation, compute)
     check_store(store)
     registry_uri = _start_servers(registry, publish)
     from .flows.compress import Destinations, compress_flow
@@ -93,11 +105,16 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
     results = []
     for spec in recipes:
         started = time.perf_counter()
-        out = flow(model=model_ref, recipe=spec, calibration=calib, evaluation=evaluation,
+        out = flow(model=model_ref, recipe=spec, calibration=calib, evaluation=evaluation, **_flow_compute(compute),
                    destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish))
         out["wall_s"] = round(time.perf_counter() - started, 2)
         results.append(out)
     return results
+
+
+def _flow_compute(compute) -> dict:
+    """The flows' `compute` parameter, only when one was asked for (a default run's parameters stay as they were)."""
+    return {} if compute is None else {"compute": compute}
 
 
 def _start_servers(registry: str | None, publish: bool) -> str | None:
@@ -122,15 +139,16 @@ def cmd_sweep(args) -> int:
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
         raise BadInput("--recipes needs at least one recipe")
+    compute = _compute(args)
     for r in recipes:
-        pipeline.preflight(model_ref, r, calib, evaluation)
+        pipeline.preflight(model_ref, r, calib, evaluation, compute)
     check_store(args.store)
     registry_uri = _start_servers(args.registry, not args.no_publish)
     from .flows.compress import Destinations
     from .flows.sweep import sweep_flow
 
     flow = runners.with_runner(sweep_flow, runner)
-    out = flow(model=model_ref, recipes=recipes, calibration=calib, evaluation=evaluation,
+    out = flow(model=model_ref, recipes=recipes, calibration=calib, evaluation=evaluation, compute=compute,
                destinations=Destinations(store=args.store or "", registry=registry_uri or "",
                                          publish=not args.no_publish))
     if args.json:
@@ -173,7 +191,7 @@ def cmd_compress(args) -> int:
     for r in recipes:
         load_recipe(r)
     results = run_compress(model_ref, recipes, calib, evaluation, args.registry, args.store, not args.no_publish,
-                           runner=runner)
+                           runner=runner, compute=_compute(args))
     if args.json:
         _print_json({"results": _metrics_list(results)})
     else:
@@ -194,7 +212,8 @@ def cmd_demo(args) -> int:
     args.calib_samples = args.calib_samples or DEMO_CALIB_SAMPLES
     args.eval_windows = args.eval_windows or DEMO_EVAL_WINDOWS
     model_ref, calib, evaluation = _specs(args)
-    results = run_compress(model_ref, list(DEMO_RECIPES), calib, evaluation, args.registry, args.store)
+    results = run_compress(model_ref, list(DEMO_RECIPES), calib, evaluation, args.registry, args.store,
+                           compute=_compute(args))
     wall = time.perf_counter() - started
     history_file = cache_home() / "demo-history.json"
     history = json.loads(history_file.read_text()) if history_file.exists() else []
@@ -275,6 +294,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--registry", help="s3://bucket/prefix (default: the embedded SeaweedFS server)")
     p.add_argument("--store", help="artifact store: local dir or s3://bucket/prefix")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
+    p.add_argument("--device", help="auto (default: $SQUEEZEFLOW_DEVICE, else CUDA when present, else cpu), cpu, cuda[:N]")
+    p.add_argument("--dtype", help="compute precision of blocks: fp32 (default), bf16 or fp16")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on stderr (it is shown only when stderr is a terminal anyway)")
 

@@ -11,8 +11,10 @@ def cmd_plan(args, specs, print_json) -> int:
     from .settings import store_uri
     from .terminal import safe_text
 
+    from .cli import _compute
+
     model_ref, calib, evaluation = specs(args)
-    jobs = [pipeline.preflight(model_ref, r, calib, evaluation) for r in args.recipe.split(",")]
+    jobs = [pipeline.preflight(model_ref, r, calib, evaluation, _compute(args)) for r in args.recipe.split(",")]
     stages = dag.plan(jobs, None if args.no_publish else "(registry)")
     rows = dag.probe(stages, args.store or store_uri())
     literal = {s.id: {k: _short(v) for k, v in s.inputs.items() if not dag._uses(v)} for s in stages}

@@ -66,6 +66,22 @@ class EvalSpec(Spec):
     seed: int = 0
 
 
+class ComputeSpec(Spec):
+    """Where and in which precision the stages compute. `device`: auto (CUDA when present, else CPU;
+    SQUEEZEFLOW_DEVICE sets what auto means on a machine), cpu, cuda or cuda:N. `dtype`: the precision
+    blocks are loaded and run in (fp32 = what the checkpoint's weights give, today's default).
+    `stats_dtype`: the precision statistics accumulate in (fp64: XᵀX in fp32 measurably hurts GPTQ W3)."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$",
+                        description="auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision blocks are loaded and run in")
+    stats_dtype: Literal["fp64", "fp32"] = Field("fp64", description="Precision statistics accumulate in")
+
+    def key_form(self) -> dict:
+        """What changes results: the kind of device (cpu / cuda, not which one) and the precisions."""
+        return {"device": self.device.split(":")[0], "dtype": self.dtype, "stats_dtype": self.stats_dtype}
+
+
 def one_line(e: ValidationError) -> str:
     """Pydantic's errors as one readable line: `field: message; field: message`."""
     parts = []

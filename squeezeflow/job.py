@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, model_serializer
 
-from .config import CalibrationSpec, EvalSpec, ModelRef
+from .config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
 from .errors import BadInput
 from .methods import LayerRemoval, TransformsModel, TunesPacked, WeightMethod, get_method
 from .models import LayerStream, decoder_linears, load_config, resolve_model
@@ -33,12 +33,26 @@ class ModelInfo(BaseModel):
     # A model the trunk derived (transformed, layers removed) lives in the store; `path` is where it was
     # materialized, which a later process re-materializes from `tree` (scratch may have been cleaned).
     tree: Ref | None = None
+    # The resolved compute setting every stage reading this model runs with (compute.py); None is the
+    # default (cpu, fp32), left out of the key and the dump so default runs keep their keys.
+    compute: ComputeSpec | None = None
 
     model_config = {"frozen": True}
 
     def key_form(self) -> dict:
-        """What identifies this model in a cache key: everything but where it happens to lie on disk."""
-        return self.model_dump(mode="json", exclude={"path", "tree"})
+        """What identifies this model in a cache key: everything but where it happens to lie on disk (and
+        which GPU computes with it: only the kind of device and the precisions change results)."""
+        form = self.model_dump(mode="json", exclude={"path", "tree", "compute"})
+        if self.compute is not None:
+            form["compute"] = self.compute.key_form()
+        return form
+
+    @model_serializer(mode="wrap")
+    def _without_default_compute(self, handler):
+        data = handler(self)  # a default run's remembered JSON (any nesting) stays as it was
+        if self.compute is None and isinstance(data, dict):
+            data.pop("compute", None)
+        return data
 
     def revived(self, store: ArtifactStore) -> "ModelInfo":
         return self if self.tree is None else self.model_copy(update={"path": str(store.materialize(self.tree))})
@@ -60,9 +74,17 @@ class Job(BaseModel):
     layers_after: int                  # decoder blocks left once the layer-removal methods ran
 
     def key_form(self) -> dict:
+        # A non-default compute is in the model's key form (it rides on ModelInfo to every stage).
         return {"model": self.model.key_form(), "recipe": self.recipe.model_dump(mode="json"),
                 "calibration": self.calibration.model_dump(mode="json"), "calibration_sha256": self.calibration_sha256,
                 "evaluation": self.evaluation.model_dump(mode="json"), "evaluation_sha256": self.evaluation_sha256}
+
+    @property
+    def compute(self) -> ComputeSpec:
+        """The resolved compute setting (device, dtype, statistics dtype) the job's stages run with."""
+        from .compute import stage_compute
+
+        return stage_compute(self.model)
 
     @property
     def weight_recipe(self) -> Recipe | None:
@@ -111,10 +133,13 @@ def structural_count(recipe: Recipe) -> int:
     return n
 
 
-def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec) -> Job:
+def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec,
+              compute: ComputeSpec | None = None) -> Job:
     from .calibration import check_activation_memory, load_text
+    from .compute import carried, resolve
     from .malloc import release_freed_memory
 
+    resolved_compute = resolve(compute)  # CUDA asked for where there is none: one line, before any work
     release_freed_memory()  # every run starts here: make the streamed stages' freed blocks leave RSS
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     n_struct = structural_count(recipe)
@@ -137,7 +162,8 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     calib_sha = load_text(calibration.source).sha256  # readable and non-empty, or a BadInput naming it
     eval_sha = {split: load_text(split, "evaluation source").sha256 for split in evaluation.splits}
     info = ModelInfo(ref=model.ref, name=resolved.name, path=str(resolved.path), fingerprint=resolved.fingerprint,
-                     num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code)
+                     num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code,
+                     compute=carried(resolved_compute))
     common = dict(model=info, calibration=calibration, evaluation=evaluation, calibration_sha256=calib_sha,
                   evaluation_sha256=eval_sha, structural=n_struct, layers_after=layers_left)
     if n_struct == len(recipe.methods):  # layer removal only: the artifact is the shallower dense model

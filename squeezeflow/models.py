@@ -199,10 +199,13 @@ class LayerStream:
     `model.rotary_emb` (the Llama family: Llama, Mistral, Qwen2, SmolLM...) are supported.
     """
 
-    def __init__(self, path: Path, trust_remote_code: bool = False):
+    def __init__(self, path: Path, trust_remote_code: bool = False, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
+        # Blocks are read from safetensors straight onto `device`, in `dtype` (compute.py's setting).
+        self.device, self.dtype = torch.device(device), dtype
         self.path = Path(checked_dir(path))
         self.config = load_config(self.path, trust_remote_code)
         with torch.device("meta"):
@@ -232,9 +235,9 @@ class LayerStream:
             if k.startswith(prefix + "."):
                 by_file.setdefault(f, []).append(k)
         for f, keys in by_file.items():
-            with safe_open(f, "pt") as st:
+            with safe_open(f, "pt", device=str(self.device)) as st:
                 for k in keys:
-                    out[k[len(prefix) + 1:]] = st.get_tensor(k).float()
+                    out[k[len(prefix) + 1:]] = st.get_tensor(k).to(self.dtype)
         return out
 
     def _materialize(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
@@ -264,7 +267,7 @@ class LayerStream:
         emb = self._materialize(torch.nn.Embedding(*self.inner.embed_tokens.weight.shape, device="meta"),
                                 "model.embed_tokens")
         # Some families scale embeddings inside embed_tokens' forward (Gemma); Llama does not.
-        return [emb(w.reshape(1, -1)) for w in windows]
+        return [emb(w.reshape(1, -1).to(self.device)) for w in windows]
 
     def block_kwargs(self, hidden: torch.Tensor) -> dict:
         """Attention mask and rotary embeddings for a batch of full windows (no padding, no cache)."""

@@ -33,6 +33,8 @@ def assemble(store: ArtifactStore, job: Job, calib: Ref, stats: dict[str, StatsR
     lineage = {
         "model": {"name": job.model.name, "ref": job.model.ref, "fingerprint": job.model.fingerprint},
         "recipe": job.recipe.model_dump(mode="json"),
+        # Where and in which precision it was computed (resolved: `auto` is recorded as what it chose).
+        "compute": job.compute.model_dump(mode="json"),
         "calibration": CalibrationSet.get(store, calib).provenance,
         "statistics": {name: s.key for name, s in sorted(stats.items())},
         "stage_outputs": {"calibrate": calib.sha256, "compress": [b.sha256 for b in blocks],

@@ -29,4 +29,4 @@ def statistics(store: ArtifactStore, model: ModelInfo, calib: Ref, statistics: t
     from ..stats import collect
 
     return collect(store, Path(model.path), model.fingerprint, calib, list(statistics),
-                   trust_remote_code=model.trust_remote_code)
+                   trust_remote_code=model.trust_remote_code, compute=model.compute)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import memo, progress
+from ..compute import device_of, dtype_of, stage_compute
 from ..errors import BadInput
 from ..job import ModelInfo
 from ..methods import TransformsModel, get_method
@@ -54,9 +55,10 @@ def transform(store: ArtifactStore, model: ModelInfo, recipe: Recipe, stats: dic
 
 def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: Recipe,
                    stats: dict[str, StatsRef]) -> Ref:
-    """Compress every linear of decoder block `block` (per-block methods: statistics from the dense model)."""
-    stream = LayerStream(Path(model.path), model.trust_remote_code)
-    block_stats = {name: store.get_tensors(s.blocks[block]) for name, s in stats.items()}
+    """Compress every linear of decoder block `block` (per-block methods: statistics from the dense model),
+    on the job's device and in its dtype (compute.py)."""
+    stream = _stream(model)
+    block_stats = {name: _on(store.get_tensors(s.blocks[block]), stream.device) for name, s in stats.items()}
     ref, _ = compress_weights(store, get_method(recipe.methods[0]), block, stream.block_state(block),
                               list(decoder_linears(stream.inner.layers[block])), block_stats)
     return ref
@@ -76,7 +78,7 @@ def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str
         layers[name] = {"format": c.format, "params": c.params, **c.metrics,
                         **reconstruction_errors(w, w_hats[name], lin_stats.get("hdiag"), lin_stats.get("xtx"))}
         for field, t in c.tensors.items():
-            tensors[f"{name}.{field}"] = t
+            tensors[f"{name}.{field}"] = t.cpu()  # the store writes host memory (a no-op on CPU)
         if f"{name}.bias" in weights:
             tensors[f"{name}.bias"] = weights[f"{name}.bias"]
     meta = {"layers": json.dumps(layers, sort_keys=True)}
@@ -106,7 +108,7 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
     from ..stats import COLLECTORS
 
     method = get_method(recipe.methods[0])
-    stream = LayerStream(Path(model.path), model.trust_remote_code)
+    stream = _stream(model)
     key = memo.stage_key("compress", {
         "schedule": "sequential", "model": model, "calibration": calib, "recipe": recipe,
         "dense_stats": {k: v.key for k, v in sorted(stats.items())},
@@ -116,7 +118,7 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
     if checkpoint is not None:
         state = store.get_json(checkpoint)
         blocks = [Ref(**b) for b in state["blocks"]]
-        hidden = list(store.get_tensors(Ref(**state["hidden"]))["hidden"].split(1))
+        hidden = list(store.get_tensors(Ref(**state["hidden"]))["hidden"].to(stream.device).split(1))
     else:
         blocks = []
         with torch.no_grad():
@@ -124,13 +126,13 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
     for i in range(len(blocks), stream.num_layers):
         with torch.no_grad(), stream.block(i) as layer:
             linears = decoder_linears(layer)
-            collectors = [COLLECTORS[name]() for name in method.statistics]
+            collectors = [COLLECTORS[name](**_collector_options(model)) for name in method.statistics]
             with contextlib.ExitStack() as attached:
                 for c in collectors:
                     attached.enter_context(c.attach(layer))
                 stream.forward_block(layer, hidden)
             # Dense-model statistics first; the ones collected here, through compressed blocks, win.
-            block_stats = {name: store.get_tensors(s.blocks[i]) for name, s in stats.items()}
+            block_stats = {name: _on(store.get_tensors(s.blocks[i]), stream.device) for name, s in stats.items()}
             block_stats.update({c.name: c.result() for c in collectors})
             weights = {k: v.detach().clone() for k, v in layer.state_dict().items()}
             ref, w_hats = compress_weights(store, method, i, weights, list(linears), block_stats)
@@ -139,7 +141,7 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
             hidden = stream.forward_block(layer, hidden)
         blocks.append(ref)
         progress.report("compress", len(blocks), stream.num_layers)
-        hidden_ref = store.put_tensors({"hidden": torch.cat(hidden)}, kind="sequential-activations")
+        hidden_ref = store.put_tensors({"hidden": torch.cat(hidden).cpu()}, kind="sequential-activations")
         previous = store.get_index(key)
         store.put_index(key, store.put_json({"blocks": [b.model_dump() for b in blocks],
                                              "hidden": hidden_ref.model_dump()}, kind="sequential-checkpoint"))
@@ -148,6 +150,24 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
             if stale.sha256 != hidden_ref.sha256:
                 store.delete(stale)
     return blocks
+
+
+def _stream(model: ModelInfo) -> LayerStream:
+    """The model's blocks streamed onto the job's device, in its compute dtype."""
+    compute = stage_compute(model)
+    return LayerStream(Path(model.path), model.trust_remote_code, device_of(compute), dtype_of(compute))
+
+
+def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: t.to(device) for k, t in tensors.items()}
+
+
+def _collector_options(model: ModelInfo) -> dict:
+    """A collector accumulates in the job's statistics dtype; the default passes nothing (as before)."""
+    from ..compute import DEFAULT, stats_dtype_of
+
+    compute = stage_compute(model)
+    return {} if compute.stats_dtype == DEFAULT.stats_dtype else {"dtype": stats_dtype_of(compute)}
 
 
 def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor | None,

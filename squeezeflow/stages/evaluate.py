@@ -43,11 +43,15 @@ def evaluate(store: ArtifactStore, model: ModelInfo, packed: Ref | None, spec: E
 
 
 def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> dict:
-    """Metrics (ARCHITECTURE.md schema) of the checkpoint directory `path`; `model` supplies the tokenizer."""
+    """Metrics (ARCHITECTURE.md schema) of the checkpoint directory `path`; `model` supplies the tokenizer
+    and the compute setting (device, dtype). The whole model is loaded, then moved to the device."""
+    from ..compute import device_of, dtype_of, stage_compute
     from ..evaluation.perplexity import perplexity
     from ..models import load_model
 
-    net = _load_seeded(path, model.trust_remote_code)
+    compute = stage_compute(model)
+    device, dtype = device_of(compute), dtype_of(compute)
+    net = _load_seeded(path, model.trust_remote_code, dtype).to(device)
     for module in net.modules():  # decode each packed weight once, not on every forward
         if hasattr(module, "cache_dequantized"):
             module.cache_dequantized = True
@@ -56,14 +60,14 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
     protocols = eval_protocol(model, spec)
     total, done = sum(int(w.shape[0]) for w, _ in protocols.values()), 0
     for split, (windows, protocol) in protocols.items():
-        result = perplexity(net, windows, on_windows=lambda n, base=done: progress.report("evaluate", base + n, total))
+        result = perplexity(net, windows.to(device), on_windows=lambda n, base=done: progress.report("evaluate", base + n, total))
         done += int(windows.shape[0])
         metrics["perplexity"][split] = round(result["perplexity"], 6)
         metrics["protocol"]["evaluation"][split] = protocol
     if spec.kl_windows and Path(path).resolve() != Path(model.path).resolve():
         from ..evaluation.kl import kl_and_agreement
 
-        base = load_model(Path(model.path), torch.float32, model.trust_remote_code)
+        base = load_model(Path(model.path), dtype, model.trust_remote_code).to(device)
         for split, (windows, _) in protocols.items():
             r = kl_and_agreement(net, base, windows[:spec.kl_windows])
             metrics["kl"][split] = {"kl": round(r["kl"], 8), "top1_agreement": round(r["top1_agreement"], 6),
@@ -80,13 +84,13 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
 
 
 @isolated_rng
-def _load_seeded(path: Path, trust_remote_code: bool):
+def _load_seeded(path: Path, trust_remote_code: bool, dtype: torch.dtype = torch.float32):
     """The checkpoint loaded with a fixed seed (anything drawn while loading is reproducible) on a forked
     generator (the caller's global one is left as it was)."""
     from ..models import load_model
 
     torch.manual_seed(0)
-    return load_model(path, torch.float32, trust_remote_code)
+    return load_model(path, dtype, trust_remote_code)
 
 
 def cloze_accuracy(net, model: ModelInfo, spec: EvalSpec) -> dict:

@@ -52,7 +52,11 @@ def stats_key(collector: str, model_fingerprint: str, calib_sha256: str, version
 
 
 def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref, names: list[str],
-            batch_size: int = 4, trust_remote_code: bool = False, gradient_windows: int = 8) -> dict[str, StatsRef]:
+            batch_size: int = 4, trust_remote_code: bool = False, gradient_windows: int = 8,
+            compute=None) -> dict[str, StatsRef]:
+    """`compute`: a resolved non-default ComputeSpec (device, dtype, statistics dtype) or None (cpu, fp32
+    blocks, fp64 sums, as always). A non-default one joins the statistics' keys: it changes the numbers.
+    The gradients collector still runs on CPU in fp32 whatever `compute` says."""
     gradient_names = [n for n in names if n == GRADIENTS or n.startswith(GRADIENTS + ":")]
     unknown = sorted(set(names) - set(COLLECTORS) - set(gradient_names))
     if unknown:
@@ -65,7 +69,8 @@ def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref
         out[name] = collect_gradients(store, model_path, model_fingerprint, calib, n, trust_remote_code, batch_size)
     todo = []
     for name in sorted(set(names) - set(gradient_names)):
-        key = stats_key(name, model_fingerprint, calib.sha256)
+        key = stats_key(name, model_fingerprint, calib.sha256,
+                        params=None if compute is None else {"compute": compute.key_form()})
         cached = store.get_index(key)
         if cached is not None:
             out[name] = StatsRef(**store.get_json(cached))
@@ -74,9 +79,13 @@ def collect(store: ArtifactStore, model_path, model_fingerprint: str, calib: Ref
     if not todo:
         return out
 
-    stream = LayerStream(model_path, trust_remote_code)
+    from ..compute import DEFAULT, device_of, dtype_of, stats_dtype_of
+
+    compute_ = compute or DEFAULT
+    stream = LayerStream(model_path, trust_remote_code, device_of(compute_), dtype_of(compute_))
     windows = CalibrationSet.get(store, calib).windows
-    collectors = {name: COLLECTORS[name]() for name, _ in todo}
+    options = {} if compute is None else {"dtype": stats_dtype_of(compute_)}
+    collectors = {name: COLLECTORS[name](**options) for name, _ in todo}
     blocks: dict[str, list[Ref]] = {name: [] for name, _ in todo}
     with torch.no_grad():
         hidden = stream.embed(windows)

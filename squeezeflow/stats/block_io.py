@@ -21,25 +21,27 @@ class BlockIO:
     name = "block_io"
     version = "1"
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype  # accumulation precision (compute.py's statistics dtype)
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
 
     @contextlib.contextmanager
     def attach(self, layer: torch.nn.Module) -> Iterator[None]:
-        self._sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUMS}
+        self._sums = {k: torch.zeros((), dtype=self.dtype) for k in _SUMS}
         self._count = 0
 
         def hook(_mod, args, kwargs, output) -> None:
             # LayerStream passes the hidden states positionally; other callers may name them.
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
-            x = x.detach().reshape(-1, x.shape[-1]).double()
-            y = y.detach().reshape(-1, y.shape[-1]).double()
-            self._sums["cos"] += torch.nn.functional.cosine_similarity(x, y, dim=-1).sum()
-            self._sums["norm_in"] += x.norm(dim=-1).sum()
-            self._sums["norm_out"] += y.norm(dim=-1).sum()
-            self._sums["norm_update"] += (y - x).norm(dim=-1).sum()
+            x = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
+            y = y.detach().reshape(-1, y.shape[-1]).to(self.dtype)
+            # Sums are four host scalars: a block on a GPU adds its partial sums here (no-op on CPU).
+            self._sums["cos"] += torch.nn.functional.cosine_similarity(x, y, dim=-1).sum().cpu()
+            self._sums["norm_in"] += x.norm(dim=-1).sum().cpu()
+            self._sums["norm_out"] += y.norm(dim=-1).sum().cpu()
+            self._sums["norm_update"] += (y - x).norm(dim=-1).sum().cpu()
             self._count += x.shape[0]
 
         handle = layer.register_forward_hook(hook, with_kwargs=True)

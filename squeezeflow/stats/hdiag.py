@@ -17,7 +17,8 @@ class HDiag:
     name = "hdiag"
     version = "1"
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype  # accumulation precision (compute.py's statistics dtype); sums stay on x's device
         self._sums: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
 
@@ -26,7 +27,7 @@ class HDiag:
         self._sums, self._count = {}, {}
 
         def accumulate(name: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
             self._sums[name] = self._sums.get(name, 0) + (x * x).sum(0)
             self._count[name] = self._count.get(name, 0) + x.shape[0]
 
@@ -34,4 +35,4 @@ class HDiag:
             yield
 
     def result(self) -> dict[str, torch.Tensor]:
-        return {name: (s / self._count[name]).float() for name, s in sorted(self._sums.items())}
+        return {name: (s / self._count[name]).float().cpu() for name, s in sorted(self._sums.items())}

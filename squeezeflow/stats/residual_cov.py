@@ -23,7 +23,8 @@ class ResidualCov:
     name = "residual_cov"
     version = "1"
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype  # accumulation precision (compute.py's statistics dtype)
         self._sums: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
 
@@ -35,9 +36,9 @@ class ResidualCov:
             raise ValueError(f"residual_cov needs a Llama-style block with {RESIDUAL_NORMS}; missing {missing}")
 
         def accumulate(name: str, x: torch.Tensor) -> None:
-            x = x.reshape(-1, x.shape[-1]).double()
-            if name not in self._sums:
-                self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+            if name not in self._sums:  # on the device the block runs on
+                self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
                 self._count[name] = 0
             self._sums[name].addmm_(x.T, x)
             self._count[name] += x.shape[0]
@@ -48,7 +49,7 @@ class ResidualCov:
     def result(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, s in sorted(self._sums.items()):
-            out[name] = s / self._count[name]
+            out[name] = (s / self._count[name]).cpu()
             out[f"{name}.count"] = torch.tensor(self._count[name], dtype=torch.int64)
         return out
 

@@ -31,7 +31,8 @@ class XtX:
     name = "xtx"
     version = "3"  # 2: per-batch fp32 products, fp64 sums; 3: fp64 products again (GPTQ quality)
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype  # accumulation precision (compute.py's statistics dtype; fp64 by default, see below)
         self._sums: dict[str, torch.Tensor] = {}     # group leader -> fp64 sum of x xᵀ
         self._count: dict[str, int] = {}            # group leader -> tokens accumulated
         self._leader: dict[str, str] = {}           # linear -> the linear whose accumulator it shares
@@ -72,15 +73,15 @@ class XtX:
         # g64 perplexity on SmolLM2-135M from 48.15 to 52.82 (SOTU) and 139.9 to 151.0 (Moby Dick): the
         # massive-activation channels make XᵀX span ~9 orders of magnitude, and the inverse Hessian
         # GPTQ propagates errors with is sensitive to the small entries fp32 rounds away.
-        x = x.reshape(-1, x.shape[-1]).double()
-        if name not in self._sums:
-            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if name not in self._sums:  # on the device the block runs on
+            self._sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=self.dtype, device=x.device)
             self._count[name] = 0
         self._sums[name].addmm_(x.T, x)
         self._count[name] += x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:
-        means = {leader: (s / self._count[leader]).float() for leader, s in self._sums.items()}
+        means = {leader: (s / self._count[leader]).float().cpu() for leader, s in self._sums.items()}
         return {name: means[leader] if name == leader else means[leader].clone()
                 for name, leader in sorted(self._leader.items())}
 
