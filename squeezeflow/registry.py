@@ -35,7 +35,7 @@ from .s3 import S3Objects
 from .signing import SIGNATURE, Signer, TrustPolicy, signer_from_env, signer_of
 from .terminal import safe_text
 
-MAX_PUT_BYTES = 5 * 1024**3  # S3's single-PUT limit
+MAX_OBJECT_BYTES = 5 * 1024**4  # S3's object limit (multipart: 10,000 parts of up to 5 GiB)
 
 
 class ImmutableEntryError(BadInput):
@@ -67,9 +67,10 @@ class Registry(S3Objects, AliasMixin):
         """Upload a verified artifact directory as a new immutable entry and point `alias` at it
         (`latest` by default; None moves nothing, e.g. for a candidate that still has to pass a gate).
 
-        Files go first (each PUT carries its SHA256, so the server rejects a corrupted body), then the
-        signature when a signing key is configured, the manifest last. Re-publishing identical content
-        uploads nothing (but signs an unsigned entry); different content under an existing id is refused.
+        Files go first (each PUT, or each part of a large file's multipart upload, carries its SHA256, so the
+        server rejects a corrupted body), then the signature when a signing key is configured, the manifest
+        last (a conditional write). Re-publishing identical content uploads nothing (but signs an unsigned
+        entry); different content under an existing id is refused.
         """
         for label, name in (("model", model), ("recipe", recipe), ("artifact id", artifact_id)):
             check_name(label, name)
@@ -77,8 +78,8 @@ class Registry(S3Objects, AliasMixin):
             check_name("alias", alias)
         local = Path(local_dir)
         for rel, meta in read_manifest(local)["files"].items():  # before hashing gigabytes
-            if meta["size"] > MAX_PUT_BYTES:
-                raise BadInput(f"{safe_text(rel)} is {meta['size']} bytes; files over 5 GiB cannot be published "
+            if meta["size"] > MAX_OBJECT_BYTES:
+                raise BadInput(f"{safe_text(rel)} is {meta['size']} bytes; S3 holds objects up to 5 TiB "
                                "(shard the safetensors files)")
         signer = signer_from_env()  # a bad key configuration fails here, before any upload
         entry = self._entry(model, recipe, artifact_id)
@@ -272,8 +273,7 @@ class Registry(S3Objects, AliasMixin):
 
     def _put_file(self, entry: Entry, rel: str, path: Path, meta: dict[str, Any]) -> None:
         key = self._key(entry, rel)
-        with open(path, "rb") as body:
-            stored = self._put_new(key, body, meta["sha256"])
+        stored = self._put_new_file(key, path, meta["sha256"], meta["size"])  # multipart when large
         if not stored:  # already there, from an earlier attempt or a concurrent identical publish
             self._check_existing(key, rel, meta)
 

@@ -149,6 +149,83 @@ class S3Objects:
                                      "sha256 (file changed during upload?)") from None
             raise
 
+    # Files above the threshold go up in parts (S3 refuses a single PUT over 5 GiB; parts also retry
+    # alone). Each part carries its own SHA256, which the server checks; the whole object is checked
+    # after the upload. Class attributes so tests and operators can lower them.
+    multipart_threshold = 256 * 1024**2
+    multipart_chunksize = 64 * 1024**2
+
+    def _put_new_file(self, key: str, path: Any, sha256_hex: str, size: int) -> bool:
+        """`_put_new` for a file of any size: one conditional PUT up to `multipart_threshold`, else a
+        create-only multipart upload (s3transfer). False when the key already exists."""
+        if size <= self.multipart_threshold:
+            with open(path, "rb") as body:
+                return self._put_new(key, body, sha256_hex)
+        return self._put_new_multipart(key, path, sha256_hex, size)
+
+    def _put_new_multipart(self, key: str, path: Any, sha256_hex: str, size: int) -> bool:
+        from boto3.s3.transfer import TransferConfig, create_transfer_manager
+        from botocore.exceptions import ClientError
+        from s3transfer.utils import ChunksizeAdjuster
+
+        from .errors import IntegrityError
+
+        if self._head(key) is not None:
+            return False
+        config = TransferConfig(multipart_threshold=self.multipart_threshold,
+                                multipart_chunksize=self.multipart_chunksize, max_concurrency=4)
+
+        def create_only(params, **_):  # s3transfer passes no IfNoneMatch: add it to the completing call
+            params["IfNoneMatch"] = "*"
+
+        events = self._c.meta.events
+        events.register("before-parameter-build.s3.CompleteMultipartUpload", create_only, unique_id="sf-create-only")
+        try:
+            with create_transfer_manager(self._c, config) as manager:
+                manager.upload(str(path), self.loc.bucket, key, extra_args={"ChecksumAlgorithm": "SHA256"}).result()
+        except ClientError as e:
+            if error_code(e) in ("PreconditionFailed", "412"):
+                return False
+            if error_code(e) in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest", "InvalidPart"):
+                raise IntegrityError(f"multipart upload of {key} was rejected: a part's bytes do not match "
+                                     "its sha256") from None
+            raise
+        finally:
+            events.unregister("before-parameter-build.s3.CompleteMultipartUpload", unique_id="sf-create-only")
+        part = ChunksizeAdjuster().adjust_chunksize(self.multipart_chunksize, size)
+        self._check_multipart(key, path, sha256_hex, size, part)
+        return True
+
+    def _check_multipart(self, key: str, path: Any, sha256_hex: str, size: int, part: int) -> None:
+        """The stored object is the file the manifest describes: the local file still hashes to
+        `sha256_hex`, and the server's composite checksum (sha256 of the parts' sha256s) is the one those
+        bytes give; a server that reports no checksum has the object read back and hashed instead."""
+        import hashlib
+
+        from .errors import IntegrityError
+
+        whole, digests = hashlib.sha256(), []
+        with open(path, "rb") as f:
+            while chunk := f.read(part):
+                whole.update(chunk)
+                digests.append(hashlib.sha256(chunk).digest())
+        if whole.hexdigest() != sha256_hex:
+            raise IntegrityError(f"{path} changed while it was uploaded to {key}: publish again")
+        head = self._head(key, checksum=True) or {}
+        stored = head.get("ChecksumSHA256")
+        composite = base64.b64encode(hashlib.sha256(b"".join(digests)).digest()).decode()
+        if head.get("ContentLength") != size:
+            raise IntegrityError(f"{key}: stored {head.get('ContentLength')} bytes, uploaded {size}")
+        if stored:
+            ok = stored.split("-")[0] in (composite, base64.b64encode(bytes.fromhex(sha256_hex)).decode())
+        else:
+            h = hashlib.sha256()
+            for chunk in self._stream(key):
+                h.update(chunk)
+            ok = h.hexdigest() == sha256_hex
+        if not ok:
+            raise IntegrityError(f"{key}: the stored object does not match the uploaded file's sha256")
+
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
         """Turn configuration-type S3 failures into one clear BadInput line; let the rest through."""
