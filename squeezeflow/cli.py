@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from .cli_next import eval_sources, print_next_steps
 from .errors import BadInput, IntegrityError
@@ -257,14 +256,6 @@ def cmd_deploy(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
-    from .export import export
-
-    dest = export(args.artifact, Path(args.dest), args.format)
-    _print_json({"path": str(dest), "format": args.format}) if args.json else print(dest)
-    return 0
-
-
 def cmd_services(args) -> int:
     from . import services
 
@@ -400,11 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_registry_parser(sub)
 
-    exp = sub.add_parser("export", help="write an artifact in another runtime's format (vLLM: compressed-tensors)")
-    exp.add_argument("artifact", help="artifact directory, s3:// entry URI or model/recipe@alias")
-    exp.add_argument("--format", default="compressed-tensors", choices=["compressed-tensors"])
-    exp.add_argument("--dest", required=True, help="output directory (must be empty or absent)")
-    exp.set_defaults(fn=cmd_export)
+    from .cli_export import add_parser as add_export_parser
+
+    add_export_parser(sub)
 
     svc = sub.add_parser("services", help="the embedded Prefect and S3 servers")
     svc.add_argument("action", choices=["status", "stop"])

@@ -10,6 +10,14 @@ Importing this module registers the quantization method "squeezeflow" with trans
 Before the weights load, every listed ``nn.Linear`` is swapped for the module of its format (see
 ``squeezeflow.kernels.formats``); the checkpoint's ``<module>.<field>`` tensors then load straight
 into that module's buffers. Modules not listed stay as they are and load their dense tensors.
+
+Without squeezeflow, transformers only warns about the unknown quant_method, skips it, and fills every
+packed linear with random values (the packed fields match no parameter name): a model that runs and
+outputs garbage. So config.json also names, as its ``transformers_weights`` file, an index that does not
+exist and whose name says what to do (``PLAIN_LOAD_GUARD``): a plain ``from_pretrained`` stops with
+"Can't find a checkpoint index (.../Squeezeflow packed checkpoint - ...)". transformers reads that field
+only after asking the quantizer to adjust the config, which is where ours drops it again. (transformers'
+``save_pretrained`` never writes that field: a re-saved packed model is unguarded; pack.py writes it.)
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ from squeezeflow.kernels import formats
 
 QUANT_METHOD = "squeezeflow"
 FORMAT_VERSION = 1
+# A file name that is also the error message of a plain load: no such file exists in any artifact.
+PLAIN_LOAD_GUARD = ("Squeezeflow packed checkpoint - load it after `import squeezeflow` (pip install squeezeflow), "
+                    "or run `squeezeflow export` for a standard format - model.safetensors.index.json")
 
 
 class SqueezeflowConfig(QuantizationConfigMixin):
@@ -78,6 +89,13 @@ class SqueezeflowHfQuantizer(HfQuantizer):
     # quantizer on a dense checkpoint (pre_quantized=False) instead of silently loading garbage.
     requires_calibration = True
     quantization_config: SqueezeflowConfig
+
+    def update_attn_implementation(self, config: Any) -> Any:
+        # The last hook that sees the model config before transformers resolves the weight files: drop
+        # the guard that stops loaders without squeezeflow (see the module docstring).
+        if getattr(config, "transformers_weights", None) == PLAIN_LOAD_GUARD:
+            del config.transformers_weights
+        return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         replace_modules(model, self.quantization_config.modules)

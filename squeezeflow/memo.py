@@ -17,7 +17,7 @@ from pydantic import BaseModel, TypeAdapter
 from .store import ArtifactStore, Ref, canonical_json, sha256_bytes
 
 STAGE_VERSIONS = {"calibrate": "2", "statistics": "1", "transform": "1", "restructure": "1", "compress": "3",
-                  "pack": "2", "tune": "1", "evaluate": "4", "assemble": "5"}
+                  "pack": "3", "tune": "1", "evaluate": "4", "assemble": "6"}
 
 T = TypeVar("T")
 

@@ -119,15 +119,17 @@ def signer_from_env() -> Signer | None:
     return Signer(key, key_id(key.public_key()))
 
 
-def _secret_block(name: str) -> bytes:
+def _secret_block(name: str, variable: str = "SQUEEZEFLOW_SIGNING_KEY_BLOCK") -> bytes:
+    """The value of Prefect Secret block `name`, which the environment variable `variable` named (also
+    export.hub_token's Hub token: the one place outside the flows that reads Prefect)."""
     try:
         from prefect.blocks.system import Secret
 
         value = Secret.load(name).get()
     except ValueError:
-        raise BadInput(f"SQUEEZEFLOW_SIGNING_KEY_BLOCK: no Prefect Secret block named {name!r}") from None
+        raise BadInput(f"{variable}: no Prefect Secret block named {name!r}") from None
     except Exception as e:  # the Prefect API is unreachable or refuses: its message is not needed
-        raise BadInput(f"SQUEEZEFLOW_SIGNING_KEY_BLOCK: cannot read Prefect Secret block {name!r} "
+        raise BadInput(f"{variable}: cannot read Prefect Secret block {name!r} "
                        f"({type(e).__name__}); check PREFECT_API_URL") from None
     return (value if isinstance(value, str) else json.dumps(value)).encode()
 

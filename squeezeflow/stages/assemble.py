@@ -22,6 +22,7 @@ def assemble(store: ArtifactStore, job: Job, calib: Ref, stats: dict[str, StatsR
     from ..calibration import CalibrationSet
     from ..compatibility import compatibility
     from ..evaluation.report import render
+    from ..modelcard import write_model_card
     from ..registry import content_id
     from ..store import sha256_file
 
@@ -55,6 +56,7 @@ def assemble(store: ArtifactStore, job: Job, calib: Ref, stats: dict[str, StatsR
         (out / "report" / "layer_errors.json").write_bytes(canonical_json(layer_errors))
         (out / "report" / "report.md").write_text(render(m, base, lineage, layer_errors)
                                                   + (chain_report(lineage["chain"], m) if job.structural else ""))
+        write_model_card(out, lineage, m, base)   # README.md, listed in the manifest like every file
         files = {p.relative_to(out).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
                  for p in sorted(out.rglob("*")) if p.is_file()}
         artifact_id = content_id(files, lineage)

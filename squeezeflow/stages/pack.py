@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Ref]) -> Ref:
     """Bit-pack every compressed block into the kernel format and write an HF-loadable directory.
     Streamed: one block's tensors are in memory at a time (SafetensorsWriter spools them to disk)."""
+    from ..hf_integration import PLAIN_LOAD_GUARD
     from ..kernels.formats import packed_tensors
     from ..safetensors_stream import SafetensorsWriter
 
@@ -49,6 +50,9 @@ def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Re
         config = json.loads((src / "config.json").read_text())
         config["quantization_config"] = {"quant_method": "squeezeflow", "format_version": FORMAT_VERSION,
                                          "recipe": recipe.name, "modules": modules}
+        # Without squeezeflow, transformers would skip our quant_method and load random weights: this
+        # makes such a load fail, naming Squeezeflow (hf_integration.PLAIN_LOAD_GUARD).
+        config["transformers_weights"] = PLAIN_LOAD_GUARD
         (out / "config.json").write_bytes(canonical_json(config))
         for f in sorted(src.iterdir()):
             if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):

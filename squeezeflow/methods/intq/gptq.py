@@ -40,26 +40,29 @@ class GPTQConfig(IntGridConfig):
                                     "code and llm-compressor's MSE observer do")
 
 
-_PRESET = re.compile(r"gptq-w(\d+)(?:g(\d+|c))?(-act)?(-static)?(-mse)?")
+_PRESET = re.compile(r"gptq-w(\d+)(?:g(\d+|c))?(-sym)?(-act)?(-static)?(-mse)?")
 
 
 def parse_preset(name: str) -> list | None:
-    """`gptq-w<bits>[g<group>|gc][-act][-static][-mse]`: act-order, grids fitted up front, and a per-group
+    """`gptq-w<bits>[g<group>|gc][-sym][-act][-static][-mse]`: the symmetric grid (exported as a symmetric
+    compressed-tensors checkpoint, vLLM's Marlin layout), act-order, grids fitted up front, and a per-group
     clip search with the error norm p = 2.4."""
     if not (m := _PRESET.fullmatch(name)):
         return None
     kwargs = {"bits": int(m.group(1)), "group_size": preset_group_size(m.group(2))}
     if m.group(3):
-        kwargs["act_order"] = True
+        kwargs["sym"] = True
     if m.group(4):
-        kwargs["static_groups"] = True
+        kwargs["act_order"] = True
     if m.group(5):
+        kwargs["static_groups"] = True
+    if m.group(6):
         kwargs["mse_clip"] = True
         kwargs["clip_norm"] = 2.4
     return [GPTQConfig(**kwargs)]
 
 
-@register(GPTQConfig, presets=parse_preset, examples=("gptq-w3g64", "gptq-w4g64-act"))
+@register(GPTQConfig, presets=parse_preset, examples=("gptq-w3g64", "gptq-w4g64-act", "gptq-w4g64-sym"))
 class GPTQ(WeightMethod):
     schedule = "sequential"
     statistics = ("xtx",)
