@@ -132,3 +132,17 @@ def test_bf16_statistics_are_keyed_apart_from_the_default(runs):
     _, out = runs
     assert out["none"]["stats"]["hdiag"].key != out["bf16"]["stats"]["hdiag"].key
     assert out["none"]["blocks"] != out["bf16"]["blocks"]
+
+
+def test_sequential_gptq_runs_in_bf16_with_fp32_statistics(runs, tiny_model):
+    """The sequential path (activations through compressed blocks, XᵀX collected on the fly) in bf16 with
+    fp32 accumulation: it runs, the statistics dtype joins its key, and only compressed tensors differ."""
+    store, out = runs
+    compute = ComputeSpec(device="cpu", dtype="bf16", stats_dtype="fp32")
+    job = pipeline.preflight(ModelRef(ref=str(tiny_model)), "gptq-w4g32", CALIB, EVAL, compute)
+    assert job.model.key_form()["compute"]["stats_dtype"] == "fp32"
+    packed = pipeline.run_job(job, store, until="pack")["packed"]
+    a = load_file(store.materialize(out["none"]["packed"]) / "model.safetensors")
+    b = load_file(store.materialize(packed) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if "proj" not in k)
+    assert any(not torch.equal(a[k], b[k]) for k in a if "proj" in k)
