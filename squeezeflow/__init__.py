@@ -1,15 +1,58 @@
 """Squeezeflow: reproducible, resumable LLM compression.
 
-Importing the package registers the `squeezeflow` quantizer with transformers, so that
-`AutoModelForCausalLM.from_pretrained(artifact_dir)` loads packed artifacts.
+Importing the package registers the `squeezeflow` quantizer with transformers (when transformers is
+imported, before or after), so that `AutoModelForCausalLM.from_pretrained(artifact_dir)` loads packed
+artifacts.
 """
 __version__ = "0.1.0"
 
-try:  # transformers is a hard dependency; the guard keeps `import squeezeflow.errors` cheap in tools
-    from . import hf_integration as _hf_integration  # noqa: F401
-except ImportError as _e:  # pragma: no cover - only when the integration module itself is missing
-    if "hf_integration" not in str(_e):
-        raise
+import sys as _sys
+
+
+def _register_with_transformers() -> None:
+    try:  # transformers is a hard dependency; the guard keeps tools working without the module
+        from . import hf_integration  # noqa: F401
+    except ImportError as e:  # pragma: no cover - only when the integration module itself is missing
+        if "hf_integration" not in str(e):
+            raise
+
+
+class _AfterTransformersImport:
+    """Registers the quantizer the moment transformers finishes importing, not here: importing
+    transformers and torch takes seconds, and `squeezeflow --help` (or `import squeezeflow.errors`) needs
+    neither. A meta-path finder that wraps transformers' own loader, so its module runs unchanged."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        import importlib.util
+
+        _sys.meta_path.remove(self)  # one shot: find the real spec, then step aside
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, attr):  # get_source, is_package, resource readers...: the real loader's
+        return getattr(self._inner, attr)
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module):
+        self._inner.exec_module(module)
+        _register_with_transformers()
+
+
+if "transformers" in _sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _AfterTransformersImport) for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _AfterTransformersImport())
 
 
 def load(ref: str, dtype=None, *, tokenizer: bool = False, require_signature: bool | None = None):

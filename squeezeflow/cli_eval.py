@@ -43,7 +43,7 @@ def cmd_eval(args) -> int:
         from . import lmeval
 
         tasks = lmeval.parse_tasks(args.lm_eval)
-        manager = lmeval.task_manager(args.lm_eval_include)
+        manager = lmeval.task_manager(args.lm_eval_include, tasks)
         lmeval.check_tasks(tasks, manager)
     path = Path(args.artifact) if Path(args.artifact).is_dir() else pull_artifact(args.artifact)
     manifest = verify_dir(path)

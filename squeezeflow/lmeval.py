@@ -33,12 +33,20 @@ def parse_tasks(value: str) -> list[str]:
     return tasks
 
 
-def task_manager(include: str | None):
-    """lm-eval's task index, with the task YAMLs under `include` added (checked to exist first)."""
+def task_manager(include: str | None, tasks: list[str] = ()):
+    """lm-eval's task index, with the task YAMLs under `include` added (checked to exist first). When every
+    one of `tasks` is defined under `include`, only that directory is indexed: indexing lm-eval's own
+    thousands of task files takes many seconds."""
     _, _, TaskManager = _lm_eval()
-    if include is not None and not Path(include).expanduser().is_dir():
+    if include is None:
+        return TaskManager()
+    if not Path(include).expanduser().is_dir():
         raise BadInput(f"--lm-eval-include {include!r} is not a directory of lm-eval task YAML files")
-    return TaskManager(include_path=str(Path(include).expanduser()) if include else None)
+    include = str(Path(include).expanduser())
+    local = TaskManager(include_path=include, include_defaults=False)
+    if tasks and all(t in local.all_tasks for t in tasks):
+        return local
+    return TaskManager(include_path=include)
 
 
 def check_tasks(tasks: list[str], manager) -> None:
