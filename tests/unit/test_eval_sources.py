@@ -5,6 +5,7 @@ evaluates on exactly the sources (and text) production recorded."""
 import copy
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +164,30 @@ def test_s3_prefix_as_evaluation_source(moto_s3, tiny_model):
     with pytest.raises(BadInput, match="evaluation source 's3://texts/none' is empty"):
         pipeline.preflight(ModelRef(ref=str(tiny_model)), "rtn-w4g32", CALIB,
                            EvalSpec(splits=("s3://texts/none",), seqlen=32))
+
+
+def test_next_steps_name_the_local_copy_and_commands_that_work(run, tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    from squeezeflow.cli_next import next_steps
+
+    _, store, out, _ = run
+    result = pipeline.summarize(store, out["artifact"], None, 1.0)
+    lines = next_steps(result, str(store.root))
+    local = lines[1].split("local copy: ", 1)[1]
+    assert Path(local, "manifest.json").is_file()
+    assert lines[0] == "rtn-w4g32: (not published)" and not any("registry pull" in line for line in lines)
+    commands = [line.strip() for line in lines]
+    assert f"squeezeflow export {local} --dest ./rtn-w4g32-export" in commands
+    assert f"squeezeflow eval {local}" in commands
+    load = next(line for line in lines if "python -c" in line).strip()
+    code = shlex.split(load)[2]  # the printed command, as a shell would pass it
+    proc = subprocess.run([sys.executable, "-c", code + "; print(type(model).__name__)"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "ForCausalLM" in proc.stdout, proc.stderr[-2000:]
+    published = dict(result, artifact=dict(result["artifact"], uri="s3://bucket/models/tiny/rtn-w4g32/abc"))
+    lines = next_steps(published, str(store.root))
+    assert "    squeezeflow registry pull s3://bucket/models/tiny/rtn-w4g32/abc --dest ./rtn-w4g32" in lines
+    assert "    squeezeflow eval s3://bucket/models/tiny/rtn-w4g32/abc" in lines
