@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from .cli_models import add_check_parser as add_models_check_parser
 from .cli_next import eval_sources, print_next_steps
 from .errors import BadInput, IntegrityError
 from .store import check_store
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("name")
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(fn=cmd_models_prepare)
+    add_models_check_parser(models)
 
     data = sub.add_parser("data", help="prepare corpora").add_subparsers(dest="action", required=True)
     dprep = data.add_parser("prepare")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, model_serializer
 
+from .architectures import check_recipe as check_architecture_recipe
 from .config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
 from .errors import BadInput
 from .methods import LayerRemoval, TransformsModel, TunesPacked, WeightMethod, get_method
@@ -155,7 +156,8 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
         if max_pos and seqlen > max_pos:
             raise BadInput(f"{what} seqlen {seqlen} exceeds the model's maximum of {max_pos} positions")
     check_activation_memory(calibration.n_samples, calibration.seqlen, config.hidden_size)
-    linears = target_linears(resolved.path, model.trust_remote_code)
+    linears = target_linears(resolved.path, model.trust_remote_code)  # an unstreamable layout is refused here
+    check_architecture_recipe(config, recipe)
     layers_left = config.num_hidden_layers
     for step in recipe.methods[:n_struct]:
         layers_left = get_method(step).check_layers(layers_left)

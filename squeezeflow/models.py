@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import json
 import logging
@@ -195,8 +196,9 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, trust_remote_code
 class LayerStream:
     """A meta-device skeleton whose parts are materialized from safetensors on demand.
 
-    Only decoder-only models with `model.embed_tokens`, `model.layers`, `model.norm`, `lm_head` and a
-    `model.rotary_emb` (the Llama family: Llama, Mistral, Qwen2, SmolLM...) are supported.
+    embed -> run_blocks -> head is the model's own forward: its decoder blocks, final norm and head modules,
+    with the per-layer masks, rotary tables, embedding scale and logit soft-capping its top-level forward
+    would use (squeezeflow/architectures.py knows each family; anything else is refused with one line).
     """
 
     def __init__(self, path: Path, trust_remote_code: bool = False, device: str | torch.device = "cpu",
@@ -204,25 +206,30 @@ class LayerStream:
         from safetensors import safe_open
         from transformers import AutoModelForCausalLM
 
+        from . import architectures
+
         # Blocks are read from safetensors straight onto `device`, in `dtype` (compute.py's setting).
         self.device, self.dtype = torch.device(device), dtype
         self.path = Path(checked_dir(path))
         self.config = load_config(self.path, trust_remote_code)
+        architectures.family(self.config)  # an unknown family is one line, before building anything
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32,
                                                           trust_remote_code=trust_remote_code)
-        inner = getattr(self.model, "model", None)
-        if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
-            raise BadInput(f"unsupported architecture {self.config.architectures}: need a Llama-style decoder")
-        self.inner = inner
-        self.num_layers = len(inner.layers)
+        self.model.eval()  # no dropout: streamed statistics must match the model's inference forward
+        # from_config settled the attention implementation on the model's config: masks are made for that one.
+        self.config = self.model.config
+        architectures.check_layout(self.config, self.model)
+        self.inner = self.model.model
+        self.num_layers = len(self.inner.layers)
+        self._index = {id(layer): i for i, layer in enumerate(self.inner.layers)}
         self._where: dict[str, Path] = {}
         for f in safetensors_files(self.path):
             with safe_open(f, "pt") as st:
                 for k in st.keys():
                     self._where[k] = f
-        # Rotary buffers are computed at init, not stored: build a real one on CPU.
-        self.rotary = type(inner.rotary_emb)(config=self.config)
+        self.inputs = architectures.BlockInputs(self.config, self.model, self.device)
+        self.embed_scale = architectures.embed_scale(self.config, self.model)
 
     # -- weights -------------------------------------------------------------------------------
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -266,25 +273,25 @@ class LayerStream:
         (reading it per window made it the largest transient of a statistics pass)."""
         emb = self._materialize(torch.nn.Embedding(*self.inner.embed_tokens.weight.shape, device="meta"),
                                 "model.embed_tokens")
-        # Some families scale embeddings inside embed_tokens' forward (Gemma); Llama does not.
-        return [emb(w.reshape(1, -1).to(self.device)) for w in windows]
+        # Gemma scales the embeddings by √d (in its embedding module or its forward), in the weights' dtype.
+        scale = None if self.embed_scale is None else torch.tensor(self.embed_scale, dtype=emb.weight.dtype)
+        ids = [w.reshape(1, -1).to(self.device) for w in windows]
+        return [emb(i) if scale is None else emb(i) * scale for i in ids]
 
-    def block_kwargs(self, hidden: torch.Tensor) -> dict:
-        """Attention mask and rotary embeddings for a batch of full windows (no padding, no cache)."""
-        from transformers.masking_utils import create_causal_mask
-
-        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=None, position_ids=position_ids)
-        return {"attention_mask": mask, "position_ids": position_ids,
-                "position_embeddings": self.rotary(hidden, position_ids=position_ids)}
+    def block_kwargs(self, hidden: torch.Tensor, layer: torch.nn.Module | int = 0) -> dict:
+        """Attention mask and rotary embeddings of decoder block `layer` (module or index) for a batch of
+        full windows (no padding, no cache): each layer gets the mask of its own attention type."""
+        index = layer if isinstance(layer, int) else self._index[id(layer)]
+        return self.inputs.kwargs(hidden, index)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm = self._materialize(type(self.inner.norm)(hidden.shape[-1], eps=self.config.rms_norm_eps),
-                                 "model.norm")
-        lm_head = self._materialize(torch.nn.Linear(hidden.shape[-1], self.config.vocab_size, bias=False,
-                                                    device="meta"), "lm_head")
-        return lm_head(norm(hidden))
+        """Final norm and LM head: the model's own modules (Gemma's (1+w) norm, a biased head), soft-capped
+        as the model's forward does."""
+        from . import architectures
+
+        norm = self._materialize(copy.deepcopy(self.inner.norm), "model.norm")
+        lm_head = self._materialize(copy.deepcopy(self.model.get_output_embeddings()), "lm_head")
+        return architectures.softcap_logits(self.config, lm_head(norm(hidden)))
 
     @torch.no_grad()
     def run_blocks(self, hidden: list[torch.Tensor], on_block=None, batch_size: int = 4) -> list[torch.Tensor]:
@@ -304,7 +311,7 @@ class LayerStream:
         out: list[torch.Tensor] = []
         for s in range(0, len(hidden), batch_size):
             h = torch.cat(hidden[s:s + batch_size])
-            y = layer(h, **self.block_kwargs(h))
+            y = layer(h, **self.block_kwargs(h, layer))
             y = y[0] if isinstance(y, tuple) else y
             out.extend(y.split(1))
         return out

@@ -33,6 +33,47 @@ def make_tiny_llama(dest: Path, tokenizer_src: Path, num_layers: int = 2, hidden
     return dest
 
 
+# Per-architecture tiny configs: (config class, model class, extra config fields). Every one keeps the SmolLM2
+# vocabulary (so the real tokenizer fits) and shows its family's quirk at test scale: Mistral's window (16) is
+# shorter than the tests' seqlen (32), Qwen2 has q/k/v biases and a sliding second layer, Qwen3 q/k norms,
+# Gemma2/3 (1+w) norms, the √d embedding scale, soft-capping and alternating sliding/full layers, Phi3 fused
+# qkv_proj / gate_up_proj.
+TINY_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 16, "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 16,
+                                                  "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "sliding_window": 16,
+                                                      "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16, "sliding_window": 16,
+                                                         "layer_types": ["sliding_attention", "full_attention"]}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"tie_word_embeddings": False, "pad_token_id": 0}),
+}
+
+
+def make_tiny(arch: str, dest: Path, tokenizer_src: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
+    """A tiny random model of one of TINY_ARCHS with the SmolLM2 tokenizer (see make_tiny_llama)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    config_cls, model_cls, extra = TINY_ARCHS[arch]
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True, dtype="float32")
+    config = getattr(transformers, config_cls)(**{**fields, **extra})
+    model = getattr(transformers, model_cls)(config)
+    # Random init leaves norms at their identity (Gemma's (1+w) at w = 0): perturb every parameter a little so
+    # a norm applied the wrong way, or a bias dropped, shows in the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_src).save_pretrained(dest)
+    return dest
+
+
 def reset_boto3_session() -> None:
     """boto3's default session caches credentials; tests that change them must drop it."""
     if "boto3" in sys.modules:

@@ -102,7 +102,7 @@ def _block_gradients(stream: LayerStream, layer: torch.nn.Module, inputs: list[t
     with torch.enable_grad():
         for x, grad_out in zip(inputs, upstream):
             x = x.detach().requires_grad_(want_input_grad)
-            y = layer(x, **stream.block_kwargs(x))
+            y = layer(x, **stream.block_kwargs(x, layer))
             y = y[0] if isinstance(y, tuple) else y
             grads = torch.autograd.grad(y, weights + ([x] if want_input_grad else []), grad_outputs=grad_out)
             for name, g in zip(linears, grads):

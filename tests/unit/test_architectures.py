@@ -1,0 +1,147 @@
+"""Block streaming is each dense family's own forward, and the recipes run on each (tiny random models).
+
+For every architecture in sf_testing.TINY_ARCHS: LayerStream's embed -> blocks -> head matches the plain
+transformers forward within 1e-4 relative (what `squeezeflow models check` reports), with sequences longer
+than the sliding windows; a recipe matrix runs through the plain loop (one store per architecture) and each
+artifact loads with `squeezeflow.load` and generates; recipes a family cannot take are refused at preflight.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from squeezeflow import architectures, pipeline
+from squeezeflow.cli_models import check_model
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.errors import BadInput
+from squeezeflow.store import LocalStore
+from sf_testing import TINY_ARCHS, make_tiny
+
+ARCHS = tuple(TINY_ARCHS)
+CALIB = CalibrationSpec(n_samples=2, seqlen=32, seed=0)
+EVAL = EvalSpec(seqlen=32, max_windows=1, kl_windows=0)
+# Every recipe family, a chain included (YAML-free presets; trsp / shortgpt remove one of the two blocks).
+FULL_MATRIX = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p50", "nowag-p2:4", "nowag-vq2d4", "wanda-p50",
+               "trsp-50", "shortgpt-50", "rf8", "fp8-e4m3", "rtn-w4g32-eg", "backslash-l1000-w8gc-s2",
+               "trsp-50+rtn-w4g32")
+# On the families whose quirks the statistics and sequential passes see most (sliding windows, biases,
+# Gemma's norms / scale / soft-capping) the whole matrix runs; on the others a subset covering every
+# schedule (per-block, sequential, layer removal + chain, fp8 search) keeps the file's CPU time low.
+FULL_ON = {"mistral", "qwen2", "gemma3"}
+SUBSET = ("rtn-w4g32", "gptq-w4g32", "trsp-50+rtn-w4g32", "rf8")
+QUAD_OK = {"llama", "mistral", "qwen2"}
+
+
+@pytest.fixture(scope="module")
+def tiny_archs(smollm_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("archs")
+    return {a: make_tiny(a, root / a, smollm_path) for a in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    return {a: LocalStore(tmp_path_factory.mktemp(f"store-{a}")) for a in ARCHS}
+
+
+def _streamed_rel_diff(path, seqlen=32) -> float:
+    return check_model(path, n_windows=2, seqlen=seqlen)["max_rel_logit_diff"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_forward_is_the_models_own(tiny_archs, arch):
+    result = check_model(tiny_archs[arch], n_windows=2, seqlen=32)
+    assert result["max_rel_logit_diff"] <= 1e-4 and result["exact"], result["max_rel_logit_diff"]
+    layout = result["layout"]
+    assert len(layout["attention_types"]) == 2 and layout["linears_per_block"]
+    if arch in ("mistral", "qwen2", "gemma2", "gemma3"):
+        assert "sliding_attention" in layout["attention_types"] and layout["sliding_window"] == 16
+    if arch == "phi3":
+        assert {"self_attn.qkv_proj", "mlp.gate_up_proj"} <= set(layout["linears_per_block"])
+    if arch == "qwen2":
+        assert layout["linears_per_block"]["self_attn.q_proj"][2] is True  # biased
+    if arch in ("gemma2", "gemma3"):
+        assert layout["embed_scale"] == pytest.approx(64 ** 0.5)
+    quad = result["recipes"]["quad-w4a4"]
+    assert (quad == "ok") == (arch in QUAD_OK), quad
+    assert all(v == "ok" for k, v in result["recipes"].items() if not k.startswith(("quad", "quarot")))
+
+
+def test_wrong_mask_or_scale_would_be_seen(tiny_archs, monkeypatch):
+    """The check has teeth: Mistral streamed with one full causal mask (the old Llama-only streamer), or
+    Gemma3 without its √d embedding scale, is far outside the tolerance."""
+    monkeypatch.setattr(architectures, "layer_types",
+                        lambda config: [architectures.FULL] * config.num_hidden_layers)
+    assert _streamed_rel_diff(tiny_archs["mistral"]) > 1e-2
+    monkeypatch.undo()
+    monkeypatch.setattr(architectures, "embed_scale", lambda config, model: None)
+    assert _streamed_rel_diff(tiny_archs["gemma3"]) > 1e-2
+
+
+def test_models_check_cli_json(tiny_archs):
+    proc = subprocess.run([sys.executable, "-m", "squeezeflow.cli", "models", "check", str(tiny_archs["mistral"]),
+                           "--json", "--windows", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["seqlen"] == 64 > result["layout"]["sliding_window"]  # default: twice the window
+    assert result["max_rel_logit_diff"] <= 1e-4
+    assert result["layout"]["attention_types"] == ["sliding_attention", "sliding_attention"]
+
+
+def test_unknown_layout_refused_in_one_line(tmp_path, smollm_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    AutoTokenizer.from_pretrained(smollm_path).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(BadInput, match="'gpt2'.*cannot be streamed") as e:
+        pipeline.preflight(ModelRef(ref=str(tmp_path / "gpt2")), "rtn-w4g32", CALIB, EVAL)
+    assert "\n" not in str(e.value)
+
+
+# Iteration counts cut to what a 2-block, 64-wide model needs (the presets' defaults are sized for real models).
+_FAST = {"trsp": {"windows": 2, "seqlen": 32, "steps": 4, "stage2_steps": 4, "batch_size": 2},
+         "nowag-vq": {"max_iter": 10}}
+
+
+def _fast(name: str):
+    from squeezeflow.recipes import load_recipe
+
+    recipe = load_recipe(name)
+    methods = [m.model_copy(update=_FAST.get(m.method, {})) for m in recipe.methods]
+    return recipe.model_copy(update={"methods": methods})
+
+
+def _generates(path) -> None:
+    import squeezeflow
+    from transformers import AutoTokenizer
+
+    model = squeezeflow.load(str(path))
+    ids = AutoTokenizer.from_pretrained(path)("The state of the union", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+    assert torch.isfinite(model(ids).logits).all()
+
+
+MATRIX = [(a, r) for a in ARCHS for r in (FULL_MATRIX if a in FULL_ON else SUBSET)]
+MATRIX += [(a, r) for a in ARCHS for r in ("quad-w4a4", "quarot-w4a4") if a in QUAD_OK and a in FULL_ON]
+
+
+@pytest.mark.parametrize("arch,recipe", MATRIX, ids=[f"{a}-{r}" for a, r in MATRIX])
+def test_recipe_runs_and_artifact_generates(tiny_archs, stores, arch, recipe):
+    store = stores[arch]
+    job = pipeline.preflight(ModelRef(ref=str(tiny_archs[arch])), _fast(recipe), CALIB, EVAL)
+    out = pipeline.run_job(job, store)
+    artifact = store.materialize(out["artifact"])
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["lineage"]["model"]["fingerprint"] == job.model.fingerprint
+    _generates(artifact)
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - QUAD_OK))
+def test_quad_refused_at_preflight(tiny_archs, arch):
+    for recipe in ("quad-w4a4", "quarot-w4a4"):
+        with pytest.raises(BadInput, match="rewrites the checkpoint for Llama-style blocks") as e:
+            pipeline.preflight(ModelRef(ref=str(tiny_archs[arch])), recipe, CALIB, EVAL)
+        assert "\n" not in str(e.value)
