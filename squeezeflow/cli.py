@@ -163,7 +163,7 @@ def _table(results: list[dict]) -> str:
 
     base = results[0]["results"][0]
     splits = list(base["perplexity"])
-    head = ["recipe", *[f"ppl {split_label(s)}" for s in splits], "bits/w", "sparsity", "size MiB", "wall s"]
+    head = ["recipe", *[f"ppl {split_label(s, splits)}" for s in splits], "bits/w", "sparsity", "size MiB", "wall s"]
     rows = [["fp32", *[f"{base['perplexity'][s]:.3f}" for s in splits], f"{base['bits_per_weight']:.2f}",
              f"{base.get('weight_sparsity', 0.0):.3f}", f"{base['size_bytes'] / 2**20:.1f}", "-"]]
     for r in results:

@@ -5,6 +5,7 @@ import csv
 import io
 
 from ..store import canonical_json
+from .report import split_label
 
 
 def comparison_rows(metrics: list[dict]) -> list[dict]:
@@ -12,7 +13,7 @@ def comparison_rows(metrics: list[dict]) -> list[dict]:
     for m in metrics:
         row = {"recipe": m["recipe"], "bits_per_weight": round(m["bits_per_weight"], 4), "size_bytes": m["size_bytes"],
                "sparsity": round(m.get("weight_sparsity", 0.0), 4)}
-        row.update({f"ppl_{k}": round(v, 4) for k, v in sorted(m["perplexity"].items())})
+        row.update({f"ppl_{split_label(k, m['perplexity'])}": round(v, 4) for k, v in sorted(m["perplexity"].items())})
         row["uri"] = m.get("uri") or ""
         rows.append(row)
     return rows

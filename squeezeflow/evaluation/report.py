@@ -6,12 +6,14 @@ CAVEAT_4BIT = ("SmolLM2-135M ships as GGUF Q4_1: its linear weights already sit 
                "are the informative settings. The baseline is the dequantized fp32 model.")
 
 
-def split_label(source: str) -> str:
+def split_label(source: str, among=()) -> str:
     """A held-out split's short name for table headers: a named split as is, a file, directory or s3://
-    prefix by its last path component (`my.txt`); the protocol lines below a table give the full source."""
-    if "/" not in source:
+    prefix by its last path component (`my.txt`), unless another source in `among` has the same one (then
+    the full source); the protocol lines below a table give the full source."""
+    short = source.rstrip("/").rsplit("/", 1)[-1] or source
+    if sum(1 for s in among if split_label(s) == short) > 1:
         return source
-    return source.rstrip("/").rsplit("/", 1)[-1] or source
+    return short
 
 
 def _fmt_size(n: int) -> str:
@@ -21,7 +23,7 @@ def _fmt_size(n: int) -> str:
 def render(metrics: dict, base: dict, lineage: dict, layer_errors: dict[str, dict]) -> str:
     splits = list(base["perplexity"])
     lines = [f"# {lineage['model']['name']} · {metrics['recipe']}", "",
-             "| model | " + " | ".join(f"ppl {split_label(s)}" for s in splits) + " | bits/weight | sparsity | size |",
+             "| model | " + " | ".join(f"ppl {split_label(s, splits)}" for s in splits) + " | bits/weight | sparsity | size |",
              "|---" * (len(splits) + 4) + "|"]
     for m in (base, metrics):
         cells = [f"{m['perplexity'][s]:.3f}" for s in splits]
@@ -34,7 +36,8 @@ def render(metrics: dict, base: dict, lineage: dict, layer_errors: dict[str, dic
               "- Perplexity: exp(mean next-token NLL) of the packed model loaded with `from_pretrained`, "
               "no BOS, each window scored alone."]
     for split, p in metrics["protocol"]["evaluation"].items():
-        name = f"`{split}`" if split_label(split) == split else f"`{split_label(split)}` (`{split}`)"
+        label = split_label(split, metrics["protocol"]["evaluation"])
+        name = f"`{split}`" if label == split else f"`{label}` (`{split}`)"
         lines.append(f"- {name}: {p['windows']} windows × {p['seqlen']} tokens ({p['selection']}) "
                      f"of {p['corpus_tokens']} tokens; corpus sha256 {p['corpus_sha256'][:16]}…")
     lines.append("- Bits per weight: bytes of every stored field of the targeted linears (codes, scales, zeros, "

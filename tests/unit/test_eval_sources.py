@@ -191,3 +191,25 @@ def test_next_steps_name_the_local_copy_and_commands_that_work(run, tmp_path):
     lines = next_steps(published, str(store.root))
     assert "    squeezeflow registry pull s3://bucket/models/tiny/rtn-w4g32/abc --dest ./rtn-w4g32" in lines
     assert "    squeezeflow eval s3://bucket/models/tiny/rtn-w4g32/abc" in lines
+
+
+def test_split_labels_are_file_names_unless_two_sources_share_one():
+    from squeezeflow.evaluation.comparison import comparison_rows
+    from squeezeflow.evaluation.report import split_label
+
+    splits = ["/a/my.txt", "moby-dick", "/b/data", "/c/data/", "s3://bucket/held"]
+    assert [split_label(s, splits) for s in splits] == ["my.txt", "moby-dick", "/b/data", "/c/data/", "held"]
+    row = comparison_rows([{"recipe": "r", "bits_per_weight": 4.0, "size_bytes": 1,
+                            "perplexity": {s: 2.0 for s in splits}}])[0]
+    assert {"ppl_my.txt", "ppl_moby-dick", "ppl_/b/data", "ppl_/c/data/", "ppl_held"} <= set(row)
+
+
+def test_ui_form_offers_evaluation_sources():
+    from prefect.utilities.callables import parameter_schema
+
+    from squeezeflow.flows.compress import compress_flow
+
+    schema = parameter_schema(compress_flow.fn).model_dump_for_openapi()
+    splits = schema["definitions"]["EvalSpec"]["properties"]["splits"]
+    assert splits["title"] == "Evaluation sources" and "s3://" in splits["description"]
+    assert splits["minItems"] == 1 and splits["default"] == ["sotu-2000-2021", "moby-dick"]
