@@ -17,8 +17,9 @@ def test_deployment_has_typed_parameter_schema(prefect_server):
         pool = client.read_work_pool("test-deploy-pool")
     assert pool.type == "process"
     schema = dep.parameter_openapi_schema
-    assert set(schema["properties"]) == {"model", "recipe", "calibration", "evaluation", "destinations"}
+    assert set(schema["properties"]) == {"model", "recipe", "calibration", "evaluation", "compute", "destinations"}
     defs = schema["definitions"]
+    assert set(defs["ComputeSpec"]["properties"]) >= {"device", "dtype"}  # the UI form offers the compute setting
     calib = defs["CalibrationSpec"]["properties"]
     assert calib["n_samples"]["type"] == "integer" and calib["n_samples"]["minimum"] == 1
     assert calib["seqlen"]["minimum"] == 16

@@ -49,9 +49,9 @@ def small_fs(tmp_path):
 def test_disk_full_is_a_clear_error_and_resumes_after_space_is_freed(prefect_server, tiny_llama, small_fs, tmp_path):
     store = small_fs / "store"
     full = compress(tiny_llama, store, tmp_path)
-    assert full.returncode == 1, full.stderr[-3000:]
+    assert full.returncode == 2, full.stderr[-3000:]  # StoreNotWritable: one line, exit 2, not retried
     lines = [line for line in full.stderr.splitlines() if line.startswith("squeezeflow:")]
-    assert lines and "no space left on the device" in lines[-1], full.stderr[-3000:]
+    assert lines and "no space left on device" in lines[-1] and "finished stages are reused" in lines[-1], full.stderr[-3000:]
     objects = [p for p in (store / "objects").rglob("*") if p.is_file()]
     assert objects, "the run failed before it wrote anything: the store was too small to test"
     assert not [p for p in objects if p.name.startswith(".tmp-")], "a partial write was left behind"
