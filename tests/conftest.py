@@ -54,6 +54,31 @@ def smollm_truncated(smollm_path: Path, tmp_path_factory) -> Path:
     return truncate_model(smollm_path, tmp_path_factory.mktemp("smol") / "smollm2-3l", 3).path
 
 
+@pytest.fixture
+def moto_server(monkeypatch):
+    """A real S3 API (moto's threaded server on a free loopback port) as the configured endpoint; yields
+    a client. Tests create the buckets they use."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    monkeypatch.setenv("SQUEEZEFLOW_S3_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    try:
+        from squeezeflow.s3 import client
+
+        yield client()
+    finally:
+        server.stop()
+
+
 def pytest_terminal_summary(terminalreporter):
     """The hardening tests' counts, e.g. "bad inputs: 40/40 rejected cleanly", shown even with -q."""
     for label, (passed, total) in sorted(COUNTS.items()):

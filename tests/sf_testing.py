@@ -94,6 +94,16 @@ class EnvSnapshot:
         reset_boto3_session()
 
 
+def packed_sha256(store, model_path, recipe: str, calibration, evaluation) -> str:
+    """sha256 of the packed model.safetensors that `recipe` makes of the model at `model_path`."""
+    from squeezeflow import pipeline
+    from squeezeflow.config import ModelRef
+
+    job = pipeline.preflight(ModelRef(ref=str(model_path)), recipe, calibration, evaluation)
+    _, packed = pipeline.compress_to_packed(store, job)
+    return store.get_tree(packed)["model.safetensors"].sha256
+
+
 def run_stages(store, job, base: bool = True) -> dict:
     """The job's plan (publish excluded) run with plain calls, no Prefect: what a flow run computes.
     Returns the stage outputs by role (calib, stats, blocks, packed, metrics, baseline, artifact)."""

@@ -3,9 +3,9 @@ before the trunk refactor (issue 22): sha256 of the packed model.safetensors rec
 pre-refactor pipeline (commit 2520c00) before any change, 4 × 64 calibration tokens."""
 import pytest
 
-from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.config import CalibrationSpec, EvalSpec
 from squeezeflow.store import LocalStore
+from sf_testing import packed_sha256
 
 pytestmark = [pytest.mark.smoke]
 
@@ -30,6 +30,4 @@ def store(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe", sorted(PINNED))
 def test_packed_real_weights_are_byte_identical_to_before_the_refactor(recipe, smollm_truncated, store):
-    job = pipeline.preflight(ModelRef(ref=str(smollm_truncated)), recipe, CALIB, EVAL)
-    _, packed = pipeline.compress_to_packed(store, job)
-    assert store.get_tree(packed)["model.safetensors"].sha256 == PINNED[recipe]
+    assert packed_sha256(store, smollm_truncated, recipe, CALIB, EVAL) == PINNED[recipe]

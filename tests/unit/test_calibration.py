@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -220,26 +219,9 @@ def test_calibration_set_store_roundtrip(tmp_path, tokenizer):
 
 # --- S3 -------------------------------------------------------------------------------------------
 @pytest.fixture
-def moto_s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    monkeypatch.setenv("SQUEEZEFLOW_S3_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    try:
-        from squeezeflow.s3 import client
-
-        c = client()
-        c.create_bucket(Bucket="corpus")
-        yield c
-    finally:
-        server.stop()
+def moto_s3(moto_server):
+    moto_server.create_bucket(Bucket="corpus")
+    return moto_server
 
 
 def test_s3_prefix(moto_s3):

@@ -131,28 +131,9 @@ def test_bad_eval_source_is_one_line_before_any_server(tiny_model, tmp_path, cap
 
 
 @pytest.fixture
-def moto_s3(monkeypatch):
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    monkeypatch.setenv("SQUEEZEFLOW_S3_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    try:
-        from squeezeflow.s3 import client
-
-        c = client()
-        c.create_bucket(Bucket="texts")
-        yield c
-    finally:
-        server.stop()
+def moto_s3(moto_server):
+    moto_server.create_bucket(Bucket="texts")
+    return moto_server
 
 
 def test_s3_prefix_as_evaluation_source(moto_s3, tiny_model):

@@ -4,9 +4,9 @@ pre-refactor pipeline (commit 2520c00) before any change. A change here means a 
 the packing changed its output: if that is intended, say why and re-record."""
 import pytest
 
-from squeezeflow import pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.config import CalibrationSpec, EvalSpec
 from squeezeflow.store import LocalStore
+from sf_testing import packed_sha256
 
 CALIB = CalibrationSpec(n_samples=4, seqlen=64, seed=0)
 EVAL = EvalSpec(seqlen=32, max_windows=2)
@@ -42,6 +42,4 @@ def store(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe", sorted(PINNED))
 def test_packed_weights_are_byte_identical_to_before_the_refactor(recipe, tiny_model, store):
-    job = pipeline.preflight(ModelRef(ref=str(tiny_model)), recipe, CALIB, EVAL)
-    _, packed = pipeline.compress_to_packed(store, job)
-    assert store.get_tree(packed)["model.safetensors"].sha256 == PINNED[recipe]
+    assert packed_sha256(store, tiny_model, recipe, CALIB, EVAL) == PINNED[recipe]
