@@ -375,7 +375,7 @@ def test_an_unprotected_server_from_before_is_replaced_not_reused(fresh_services
         assert services.status()["seaweedfs"]["pid"] == old.pid  # recognised as this data dir's server
 
         info = services.ensure_s3()
-        assert info["pid"] != old.pid and old.wait(timeout=30) is not None
+        assert info["pid"] != old.pid and old.wait(timeout=300) is not None
         assert weed_pids(data_dir) == [info["pid"]]
         assert json.loads((fresh_services / "seaweedfs" / "state.json").read_text())["locked_down"] is True
     finally:
