@@ -27,19 +27,16 @@ class Family:
     # Gemma2 multiplies the embeddings by √hidden in the model's forward; Gemma3 does it inside its embedding
     # module (which keeps the factor as `scalar_embed_scale`, read from the skeleton instead).
     embed_normalizer: bool = False
-    # None: QUAD / QuaRot's checkpoint rewrite applies. Otherwise why it is refused at preflight.
-    transform_refused: str | None = None
 
 
-_GEMMA_NORMS = "its (1+w) RMSNorms and pre/post-feedforward norms are not folded by the QUAD transform"
 FAMILIES = {
     "llama": Family("Llama"),
     "mistral": Family("Mistral"),
     "qwen2": Family("Qwen2"),
-    "qwen3": Family("Qwen3", transform_refused="its q_norm/k_norm are not handled by the QUAD transform"),
-    "gemma2": Family("Gemma2", embed_normalizer=True, transform_refused=_GEMMA_NORMS),
-    "gemma3_text": Family("Gemma3", transform_refused=_GEMMA_NORMS),
-    "phi3": Family("Phi3", transform_refused="its fused qkv_proj/gate_up_proj are not split by the QUAD transform"),
+    "qwen3": Family("Qwen3"),
+    "gemma2": Family("Gemma2", embed_normalizer=True),
+    "gemma3_text": Family("Gemma3"),
+    "phi3": Family("Phi3"),
 }
 
 
@@ -89,18 +86,19 @@ def check_layout(config, model) -> None:
                                f"mixture-of-experts models are not supported yet")
 
 
-# Methods whose checkpoint rewrite (TransformsModel) folds norms into Llama-style q/k/v and gate/up linears.
-# (Backslash's rewrite only re-quantizes linears in place and works on every family.)
-LLAMA_LAYOUT_TRANSFORMS = frozenset({"quad"})
-
-
 def check_recipe(config, recipe) -> None:
-    """Refuse at preflight a recipe whose checkpoint rewrite does not know this family's block layout."""
+    """Refuse at preflight a recipe whose checkpoint rewrite does not know this family's block layout
+    (each TransformsModel method says which layouts it rewrites: `refusal(model_config)`)."""
+    from .methods import get_method
+    from .methods.base import TransformsModel
+
     fam = family(config)
     for m in recipe.methods:
-        if m.method in LLAMA_LAYOUT_TRANSFORMS and fam.transform_refused:
+        method = get_method(m)
+        why = method.refusal(config) if isinstance(method, TransformsModel) else None
+        if why:
             raise BadInput(f"recipe {recipe.name!r}: {m.method} rewrites the checkpoint for Llama-style blocks; "
-                           f"{fam.name} is refused: {fam.transform_refused}")
+                           f"{fam.name} is refused: {why}")
 
 
 def embed_scale(config, model) -> float | None:

@@ -77,6 +77,11 @@ class TransformsModel(ABC):
     def transform(self, src: Path, dst: Path, data: torch.Tensor) -> None:
         """Write the transformed dense checkpoint of `src` into `dst`."""
 
+    def refusal(self, model_config) -> str | None:
+        """None when `transform` can rewrite this model's block layout, else why not (one line; preflight
+        refuses the recipe with it before any work)."""
+        return None
+
 
 class TunesPacked(ABC):
     """Capability: the packed checkpoint is tuned on calibration windows afterwards (QUAD's PEFT)."""

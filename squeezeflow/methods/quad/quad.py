@@ -27,7 +27,7 @@ from ...kernels import rotation
 from ..base import CompressedLinear, TransformsModel, TunesPacked, WeightMethod
 from ..intq.gptq_core import gptq_quantize
 from ..registry import register
-from .transform import READERS, WRITERS, transform_checkpoint
+from .transform import READERS, WRITERS, layout_refusal, transform_checkpoint
 
 
 class QUADConfig(Spec):
@@ -99,6 +99,9 @@ class QUAD(WeightMethod, TransformsModel, TunesPacked):
         cap = int(model_config.hidden_size) // 8 // heads * heads
         r = min(cap, heads * round(self.config.r / heads))
         return self.config if r == self.config.r else self.config.model_copy(update={"r": r})
+
+    def refusal(self, model_config) -> str | None:
+        return layout_refusal(model_config)
 
     def transform(self, src: Path, dst: Path, pooled_cov: torch.Tensor) -> None:
         transform_checkpoint(src, dst, pooled_cov, self.config.r, self.config.seed)

@@ -32,6 +32,19 @@ READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 NORM_READERS = {"input_layernorm": READERS[:3], "post_attention_layernorm": READERS[3:]}
 
+_GEMMA_NORMS = "its (1+w) RMSNorms and pre/post-feedforward norms are not folded by the QUAD transform"
+# model_type -> why the rewrite below does not apply to its blocks (checked at preflight).
+UNSUPPORTED_LAYOUTS = {
+    "qwen3": "its q_norm/k_norm are not handled by the QUAD transform",
+    "gemma2": _GEMMA_NORMS,
+    "gemma3_text": _GEMMA_NORMS,
+    "phi3": "its fused qkv_proj/gate_up_proj are not split by the QUAD transform",
+}
+
+
+def layout_refusal(config) -> str | None:
+    return UNSUPPORTED_LAYOUTS.get(getattr(config, "model_type", None))
+
 
 def outlier_projection(cov: torch.Tensor, r: int) -> torch.Tensor:
     """P [d, r]: the top-r eigenvectors of the covariance (fp64), columns in decreasing eigenvalue order,
