@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 
 from . import memo
 from .job import Job
+from .shards import DEFAULT_MAX_SHARD_BYTES
 from .stages import STAGE_FUNCTIONS
 from .store import ArtifactStore, open_store
 
@@ -104,7 +105,10 @@ def _recipe_stages(job: Job, registry: str | None) -> list[Stage]:
             blocks = [add(f"compress[{b}]", "compress-block", {"model": model, "block": b, "recipe": weights,
                                                                "stats": stats}, "compress", fan_out=True)
                       for b in range(job.layers_after)]
-        packed = add("pack", "pack", {"model": model, "recipe": weights, "blocks": blocks}, "pack")
+        pack_inputs = {"model": model, "recipe": weights, "blocks": blocks}
+        if job.max_shard_size != DEFAULT_MAX_SHARD_BYTES:  # the default keeps the keys runs had before
+            pack_inputs["max_shard_size"] = job.max_shard_size
+        packed = add("pack", "pack", pack_inputs, "pack")
         if job.tunes:
             packed = add("tune", "tune", {"model": model, "recipe": weights, "calib": calib, "packed": packed}, "pack")
     metrics = add("evaluate", "evaluate", {"model": job.model, "packed": packed, "spec": job.evaluation, "recipe": r,

@@ -15,6 +15,7 @@ from .methods import LayerRemoval, TransformsModel, TunesPacked, WeightMethod, g
 from .models import LayerStream, decoder_linears, load_config, resolve_model
 from .recipes import Recipe, load_recipe
 from .registry import check_name as check_registry_name
+from .shards import DEFAULT_MAX_SHARD_BYTES, parse_size
 from .store import ArtifactStore, Ref
 
 # diag(XᵀX) is always collected: RTN does not need it, but every report shows each layer's
@@ -73,12 +74,14 @@ class Job(BaseModel):
     structural: int = 0                # leading layer-removal methods
     weight_statistics: tuple[str, ...] = ()  # after layer removal: collected on the shallower model
     layers_after: int                  # decoder blocks left once the layer-removal methods ran
+    max_shard_size: int = DEFAULT_MAX_SHARD_BYTES  # the packed checkpoint's shards (shards.py)
 
     def key_form(self) -> dict:
         # A non-default compute is in the model's key form (it rides on ModelInfo to every stage).
         return {"model": self.model.key_form(), "recipe": self.recipe.model_dump(mode="json"),
                 "calibration": self.calibration.model_dump(mode="json"), "calibration_sha256": self.calibration_sha256,
-                "evaluation": self.evaluation.model_dump(mode="json"), "evaluation_sha256": self.evaluation_sha256}
+                "evaluation": self.evaluation.model_dump(mode="json"), "evaluation_sha256": self.evaluation_sha256,
+                **({"max_shard_size": self.max_shard_size} if self.max_shard_size != DEFAULT_MAX_SHARD_BYTES else {})}
 
     @property
     def compute(self) -> ComputeSpec:
@@ -135,12 +138,13 @@ def structural_count(recipe: Recipe) -> int:
 
 
 def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec,
-              compute: ComputeSpec | None = None) -> Job:
+              compute: ComputeSpec | None = None, max_shard_size: int | str | None = None) -> Job:
     from .calibration import check_activation_memory, load_text
     from .compute import carried, resolve
     from .malloc import release_freed_memory
 
     resolved_compute = resolve(compute)  # CUDA asked for where there is none: one line, before any work
+    shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_size is None else parse_size(max_shard_size)
     release_freed_memory()  # every run starts here: make the streamed stages' freed blocks leave RSS
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     n_struct = structural_count(recipe)
@@ -167,7 +171,8 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
                      num_layers=config.num_hidden_layers, trust_remote_code=model.trust_remote_code,
                      compute=carried(resolved_compute))
     common = dict(model=info, calibration=calibration, evaluation=evaluation, calibration_sha256=calib_sha,
-                  evaluation_sha256=eval_sha, structural=n_struct, layers_after=layers_left)
+                  evaluation_sha256=eval_sha, structural=n_struct, layers_after=layers_left,
+                  max_shard_size=shard_bytes)
     if n_struct == len(recipe.methods):  # layer removal only: the artifact is the shallower dense model
         return Job(recipe=recipe, statistics=(), **common)
     method = get_method(recipe.methods[n_struct])

@@ -12,24 +12,26 @@ from ..job import ModelInfo
 from ..methods import get_method
 from ..models import LayerStream
 from ..recipes import Recipe
+from ..shards import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from ..store import ArtifactStore, Ref, canonical_json
 
 FORMAT_VERSION = 1
 
 
-def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Ref]) -> Ref:
-    """Bit-pack every compressed block into the kernel format and write an HF-loadable directory.
-    Streamed: one block's tensors are in memory at a time (SafetensorsWriter spools them to disk)."""
+def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Ref],
+         max_shard_size: int = DEFAULT_MAX_SHARD_BYTES) -> Ref:
+    """Bit-pack every compressed block into the kernel format and write an HF-loadable directory, sharded
+    at `max_shard_size` bytes (shards.py). Streamed: one block's tensors are in memory at a time (each
+    shard's writer spools them to disk)."""
     from ..hf_integration import PLAIN_LOAD_GUARD
     from ..kernels.formats import packed_tensors
-    from ..safetensors_stream import SafetensorsWriter
 
     src = Path(model.path)
     stream = LayerStream(src, model.trust_remote_code)
     modules: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        with SafetensorsWriter(out / "model.safetensors", metadata={"format": "pt"}) as writer:
+        with ShardedWriter(out, max_shard_size, metadata={"format": "pt"}) as writer:
             for i, ref in enumerate(blocks):
                 data = store.get_tensors(ref)
                 layers = json.loads(store.get_tensors_metadata(ref)["layers"])
