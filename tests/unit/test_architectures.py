@@ -33,7 +33,9 @@ FULL_MATRIX = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p50", "nowag-p2:4"
 # SF_ARCH_MATRIX=full runs the whole matrix on every family (what the README's table was checked with).
 FULL_ON = set(TINY_ARCHS) if os.environ.get("SF_ARCH_MATRIX") == "full" else {"mistral", "qwen2", "gemma3"}
 SUBSET = ("rtn-w4g32", "gptq-w4g32", "trsp-50+rtn-w4g32", "rf8")
-QUAD_OK = {"llama", "mistral", "qwen2"}
+# QUAD/QuaRot rewrite these layouts exactly (Qwen3's q/k norms, Phi3's fused qkv/gate_up, Qwen2's biases);
+# Gemma2/3's output norms do not commute with the residual rotation and are refused at preflight.
+QUAD_OK = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,10 @@ def _generates(path) -> None:
 
 
 MATRIX = [(a, r) for a in ARCHS for r in (FULL_MATRIX if a in FULL_ON else SUBSET)]
-MATRIX += [(a, r) for a in ARCHS for r in ("quad-w4a4", "quarot-w4a4") if a in QUAD_OK and a in FULL_ON]
+# QUAD/QuaRot on every family they support but Llama (tests/unit/test_quad.py runs it there): their transform,
+# role table and packed format are what differs by family, and a tiny run takes seconds.
+MATRIX += [(a, r) for a in ARCHS for r in ("quad-w4a4", "quarot-w4a4") if a in QUAD_OK - {"llama"}]
+MATRIX += [("phi3", "quad-w4a4a8-peft4")]   # the PEFT tunes fused qkv/gate_up QuadLinears too
 
 
 @pytest.mark.parametrize("arch,recipe", MATRIX, ids=[f"{a}-{r}" for a, r in MATRIX])
@@ -139,11 +144,21 @@ def test_recipe_runs_and_artifact_generates(tiny_archs, stores, arch, recipe):
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["lineage"]["model"]["fingerprint"] == job.model.fingerprint
     _generates(artifact)
+    if recipe.startswith(("quad", "quarot")):   # every linear of every block packed as QUAD, fused ones included
+        from squeezeflow.models import load_model
+
+        block = load_model(artifact).model.layers[0]
+        linears = {n: type(m).__name__ for n, m in block.named_modules() if n.endswith("_proj")}
+        assert linears and set(linears.values()) == {"QuadLinear"}, linears
+        assert ("self_attn.qkv_proj" in linears) == (arch == "phi3")
 
 
 @pytest.mark.parametrize("arch", sorted(set(ARCHS) - QUAD_OK))
 def test_quad_refused_at_preflight(tiny_archs, arch):
-    for recipe in ("quad-w4a4", "quarot-w4a4"):
-        with pytest.raises(BadInput, match="rewrites the checkpoint for Llama-style blocks") as e:
+    assert arch in ("gemma2", "gemma3")
+    for recipe in ("quad-w4a4", "quarot-w4a4", "quad-w4a4a8-peft"):
+        with pytest.raises(BadInput, match="rewrites the checkpoint for Llama-style blocks; Gemma[23] is refused: "
+                                           "its post-attention/post-feedforward RMSNorms .* does not commute with "
+                                           "the residual-stream rotation") as e:
             pipeline.preflight(ModelRef(ref=str(tiny_archs[arch])), recipe, CALIB, EVAL)
         assert "\n" not in str(e.value)

@@ -79,7 +79,8 @@ def linear_role(name: str) -> str:
         return "reader"
     if short in WRITERS:
         return short
-    raise BadInput(f"QUAD does not know the role of linear {name!r} (Llama-style blocks only)")
+    raise BadInput(f"QUAD does not know the role of linear {name!r} (readers: {', '.join(READERS)}; "
+                   f"writers: {', '.join(WRITERS)})")
 
 
 @register(QUADConfig, presets=parse_preset,

@@ -1,4 +1,6 @@
-"""QUAD's function-preserving transform of a Llama-style checkpoint (QuaRot when r = 0).
+"""QUAD's function-preserving transform of a Llama-style checkpoint (QuaRot when r = 0): Llama, Mistral,
+Qwen2 (q/k/v biases: on the output side, unchanged), Qwen3 (q_norm/k_norm, see HEAD_NORMS) and Phi3
+(fused qkv_proj / gate_up_proj); Gemma2/3 and MoE families are refused at preflight (UNSUPPORTED_LAYOUTS).
 
 1. Fuse every RMSNorm weight into the linears that read its output (q, k, v; gate, up; lm_head), so
    the norms become weightless; lm_head is untied from the embedding first. The embedding is NOT
@@ -28,22 +30,43 @@ import torch
 from ...errors import BadInput
 from ...kernels import rotation
 
-READERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+# Per block: the norm whose output each reader of the residual stream reads (its weight is folded into the
+# reader), in the names each family uses (Phi3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj; a
+# fused reader is still x ↦ x Wᵀ on the normed stream, only with more output rows). Absent names are skipped.
+NORM_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj"),
+                "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj")}
+READERS = NORM_READERS["input_layernorm"] + NORM_READERS["post_attention_layernorm"]
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
-NORM_READERS = {"input_layernorm": READERS[:3], "post_attention_layernorm": READERS[3:]}
+# Qwen3's q_norm/k_norm normalize each head of q_proj/k_proj's OUTPUT (head_dim wide): the rewrite changes
+# only the readers' input side, so their weights are copied unchanged. But they share config.rms_norm_eps,
+# which the residual norms need scaled by d / (d + r) (module docstring); RMSNorm(c·y) with eps·c² equals
+# RMSNorm(y) with eps, so the projection feeding each such norm is scaled by c = sqrt(d / (d + r)).
+HEAD_NORMS = {"self_attn.q_norm": "self_attn.q_proj", "self_attn.k_norm": "self_attn.k_proj"}
 
-_GEMMA_NORMS = "its (1+w) RMSNorms and pre/post-feedforward norms are not folded by the QUAD transform"
+# Gemma2/3 apply RMSNorms with weight (1 + w) to the attention and MLP OUTPUTS before the residual add. In
+# the rotated stream that norm would have to be diag(g)·M = M·diag(g') for its weight g (no linear follows
+# it to absorb M), which holds only for a constant g: no same-architecture rewrite preserves the function.
+_GEMMA_NORMS = ("its post-attention/post-feedforward RMSNorms scale sublayer outputs elementwise before the "
+                "residual add, which does not commute with the residual-stream rotation (no linear absorbs it)")
+_MOE = "its mixture-of-experts MLP (router, routed and shared experts) is not rewritten by the QUAD transform"
 # model_type -> why the rewrite below does not apply to its blocks (checked at preflight).
 UNSUPPORTED_LAYOUTS = {
-    "qwen3": "its q_norm/k_norm are not handled by the QUAD transform",
     "gemma2": _GEMMA_NORMS,
     "gemma3_text": _GEMMA_NORMS,
-    "phi3": "its fused qkv_proj/gate_up_proj are not split by the QUAD transform",
+    "qwen2_moe": _MOE,
+    "qwen3_moe": _MOE,
+    "mixtral": _MOE,
 }
+# The block layouts transform_state rewrites exactly (tests/unit/test_quad.py checks each one's logits);
+# any other family is refused rather than rewritten on the guess that it is Llama-like.
+SUPPORTED_LAYOUTS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 def layout_refusal(config) -> str | None:
-    return UNSUPPORTED_LAYOUTS.get(getattr(config, "model_type", None))
+    model_type = getattr(config, "model_type", None)
+    if model_type in SUPPORTED_LAYOUTS:
+        return None
+    return UNSUPPORTED_LAYOUTS.get(model_type, f"the QUAD transform does not know the {model_type!r} block layout")
 
 
 def outlier_projection(cov: torch.Tensor, r: int) -> torch.Tensor:
@@ -75,7 +98,7 @@ def expansion(cov: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, dict[
 
 def transform_state(state: dict[str, torch.Tensor], config: dict, cov: torch.Tensor, r: int,
                     seed: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """The transformed (state dict, config.json dict). `state` holds fp32 tensors of a Llama-style model."""
+    """The transformed (state dict, config.json dict). `state` holds fp32 tensors of a supported model."""
     d = int(config["hidden_size"])
     if cov.shape != (d, d):
         raise BadInput(f"residual covariance is {tuple(cov.shape)}, the model's hidden size is {d}")
@@ -93,11 +116,20 @@ def transform_state(state: dict[str, torch.Tensor], config: dict, cov: torch.Ten
         p = f"model.layers.{i}"
         for norm, readers in NORM_READERS.items():
             gamma = state[f"{p}.{norm}.weight"].double()
-            for lin in readers:
+            present = [lin for lin in readers if f"{p}.{lin}.weight" in state]
+            if not present:
+                raise BadInput(f"QUAD transform: block {i} has no linear reading {norm} (one of {readers})")
+            for lin in present:
                 out[f"{p}.{lin}.weight"] = (state[f"{p}.{lin}.weight"].double() * gamma) @ M
                 if f"{p}.{lin}.bias" in state:
                     out[f"{p}.{lin}.bias"] = state[f"{p}.{lin}.bias"].double()
             out[f"{p}.{norm}.weight"] = norm_weight
+        for norm, lin in HEAD_NORMS.items():
+            if f"{p}.{norm}.weight" in state:
+                out[f"{p}.{norm}.weight"] = state[f"{p}.{norm}.weight"].double()
+                for field in ("weight", "bias"):
+                    if f"{p}.{lin}.{field}" in out:
+                        out[f"{p}.{lin}.{field}"] = out[f"{p}.{lin}.{field}"] * math.sqrt(d / (d + r))
         for lin in WRITERS:
             out[f"{p}.{lin}.weight"] = M.T @ state[f"{p}.{lin}.weight"].double()
             if f"{p}.{lin}.bias" in state:
