@@ -18,7 +18,7 @@ from squeezeflow.methods import get_method
 from squeezeflow.methods.quad.transform import expansion, transform_checkpoint, transform_state
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
-from sf_testing import run_stages
+from sf_testing import make_tiny, run_stages
 
 CALIB = CalibrationSpec(n_samples=8, seqlen=64, seed=0)
 EVAL = EvalSpec(seqlen=64, max_windows=2)
@@ -66,6 +66,74 @@ def test_transform_preserves_the_function_and_loads_in_plain_transformers(tiny_m
         la, lb = a(ids).logits, b(ids).logits
     assert (la - lb).abs().max() < 1e-4 * la.abs().max()
     assert b.model.embed_tokens.weight.shape == (49152, 72)
+
+
+def _rel_logit_diff(src, dst) -> float:
+    a, b = load_model(src), load_model(dst)   # b: a plain transformers model of the same class
+    assert type(a) is type(b)
+    ids = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    return ((la - lb).abs().max() / la.abs().max()).item()
+
+
+def _qwen3_sensitive_to_head_norm_eps(src):
+    """A large rms_norm_eps and strong v/o projections, so a q_norm/k_norm eps off by d/(d + r) moves the
+    logits far beyond the tolerance (with 1e-6 and a random tiny model's weak attention it would not show)."""
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"rms_norm_eps": 0.3}))
+    state = load_file(src / "model.safetensors")
+    state = {k: v * 10 if k.endswith(("v_proj.weight", "o_proj.weight")) else v for k, v in state.items()}
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3", "phi3"])
+def test_transform_preserves_each_supported_family(arch, smollm_path, tmp_path):
+    from safetensors.torch import load_file
+
+    src = make_tiny(arch, tmp_path / arch, smollm_path)
+    if arch == "qwen3":
+        _qwen3_sensitive_to_head_norm_eps(src)
+    out = tmp_path / "quad"
+    transform_checkpoint(src, out, _cov(64), 8, seed=0)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["head_dim"], config["model_type"]) == (72, 16, json.loads(
+        (src / "config.json").read_text())["model_type"])
+    assert _rel_logit_diff(src, out) < 1e-4
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    layer = "model.layers.1."
+    if arch == "phi3":   # fused readers: all output rows kept, input side expanded to d + r
+        assert after[layer + "self_attn.qkv_proj.weight"].shape == (4 * 16 + 2 * 2 * 16, 72)
+        assert after[layer + "mlp.gate_up_proj.weight"].shape == (2 * 128, 72)
+    if arch == "qwen2":  # q/k/v biases act on the output side: unchanged
+        assert torch.equal(after[layer + "self_attn.q_proj.bias"], before[layer + "self_attn.q_proj.bias"])
+    if arch == "qwen3":  # q/k norms act on head_dim: same shape and weights
+        assert torch.equal(after[layer + "self_attn.q_norm.weight"], before[layer + "self_attn.q_norm.weight"])
+
+
+def test_qwen3_head_norm_eps_compensation_is_needed(smollm_path, tmp_path, monkeypatch):
+    """The q_proj/k_proj scaling is what keeps Qwen3's q/k norms exact under the rescaled rms_norm_eps:
+    without it the transformed model is measurably off (the check above has teeth)."""
+    from squeezeflow.methods.quad import transform
+
+    src = make_tiny("qwen3", tmp_path / "qwen3", smollm_path)
+    _qwen3_sensitive_to_head_norm_eps(src)
+    monkeypatch.setattr(transform, "HEAD_NORMS", {n: "self_attn.unscaled" for n in transform.HEAD_NORMS})
+    transform_checkpoint(src, tmp_path / "quad", _cov(64), 8, seed=0)
+    assert _rel_logit_diff(src, tmp_path / "quad") > 1e-4
+
+
+def test_refusal_reasons_per_family():
+    from transformers import Gemma2Config, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+
+    method = get_method(preset("quad-w4a4").methods[0])
+    assert method.refusal(Qwen3Config()) is None
+    assert "does not commute with the residual-stream rotation" in method.refusal(Gemma2Config())
+    for config in (Qwen2MoeConfig(), Qwen3MoeConfig(), MixtralConfig()):
+        assert "mixture-of-experts MLP" in method.refusal(config)
+    assert "does not know the 'olmo2' block layout" in method.refusal(type("C", (), {"model_type": "olmo2"})())
 
 
 def test_transform_refuses_too_many_outlier_dims_and_unknown_tensors(tiny_model):
