@@ -7,11 +7,13 @@ family: the attention type of every layer (full or sliding window; each type has
 transformers' masking utils from the model's config), the rotary tables (one shared table, or one per layer
 type as in Gemma3), the embedding scale (Gemma multiplies by √d) and the final logit soft-capping (Gemma2).
 A family not in FAMILIES, an attention type we do not build masks for, bidirectional attention or routed
-experts are refused with one line: streaming them as a Llama would give silently wrong statistics.
+experts in a layout moe.py cannot unfuse are refused with one line: streaming them as a Llama would give
+silently wrong statistics. Qwen2-MoE, Qwen3-MoE and Mixtral stream with one nn.Linear per expert projection.
 """
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,10 @@ FAMILIES = {
     "gemma2": Family("Gemma2", embed_normalizer=True),
     "gemma3_text": Family("Gemma3"),
     "phi3": Family("Phi3"),
+    # Mixture of experts: the skeleton's fused experts are unfused into per-expert linears (moe.py).
+    "qwen2_moe": Family("Qwen2-MoE"),
+    "qwen3_moe": Family("Qwen3-MoE"),
+    "mixtral": Family("Mixtral"),
 }
 
 
@@ -81,9 +87,11 @@ def check_layout(config, model) -> None:
     layer_types(config)
     for i, layer in enumerate(inner.layers):
         for name, p in layer.named_parameters():
-            if p.dim() > 2:  # fused routed experts (MoE): not plain linears, not streamed yet
-                raise BadInput(f"{fam.name} layer {i} has a {p.dim()}-D parameter {name!r} (routed experts?): "
-                               f"mixture-of-experts models are not supported yet")
+            # Experts moe.py could not unfuse exactly (another fused layout): not plain linears.
+            if p.dim() > 2:
+                raise BadInput(f"{fam.name} layer {i} has a {p.dim()}-D parameter {name!r} (routed experts in a "
+                               f"layout we cannot unfuse): supported mixture-of-experts families are "
+                               f"Qwen2-MoE, Qwen3-MoE and Mixtral")
 
 
 def check_recipe(config, recipe) -> None:
@@ -142,13 +150,18 @@ class BlockInputs:
 
 def block_layout(stream) -> dict:
     """The decoder layout `models check` reports: linears per block and the attention type of every layer."""
+    from . import moe
     from .models import decoder_linears
 
     first = stream.inner.layers[0]
+    experts = moe.layout(stream.model, stream.config)
+    if experts:  # the first routed block shows the expert linears, once for all experts (`mlp.experts.*.…`)
+        first = stream.inner.layers[experts["moe_layers"][0]]
+    linears = {re.sub(r"\.experts\.\d+\.", ".experts.*.", n): [m.out_features, m.in_features, m.bias is not None]
+               for n, m in decoder_linears(first).items()}
     return {"family": family(stream.config).name, "model_type": stream.config.model_type,
             "num_layers": stream.num_layers,
-            "linears_per_block": {n: [m.out_features, m.in_features, m.bias is not None]
-                                  for n, m in decoder_linears(first).items()},
+            "linears_per_block": linears, "experts": experts,
             "attention_types": layer_types(stream.config),
             "sliding_window": getattr(stream.config, "sliding_window", None),
             "tied_head": bool(getattr(stream.config, "tie_word_embeddings", False)),

@@ -236,7 +236,13 @@ def _check_against_config(path: Path, config: dict, tensors: dict[str, tuple[str
                        "does not know it)")
     if config.get("quantization_config"):
         return  # a compressed artifact: preflight refuses it by name; its tensors are packed, not the config's
+    from .moe_checkpoint import converted
+
     expected, allowed_missing = _expected_tensors(path, model_type, where)
+    # Both sides by the names streaming uses: an MoE's experts one matrix per expert, whether the checkpoint
+    # holds them per expert (Hub style) or fused (moe_checkpoint.py).
+    tensors = {name: (dtype, shp) for key, (dtype, shape) in tensors.items()
+               for name, _, shp in converted(model_type, key, shape)}
     _compare(config, expected, allowed_missing, tensors, where)
 
 
@@ -253,6 +259,9 @@ def _expected_tensors(path: Path, model_type: str, where: str) -> tuple[dict[str
             raise BadInput(f"{where}: model_type {model_type!r} is not a causal language model") from None
         raise BadInput(f"{where}: config.json does not describe a buildable model ({type(e).__name__}: "
                        f"{_first_line(e)})") from None
+    from .moe import unfuse_experts
+
+    unfuse_experts(model)
     expected = {k: list(v.shape) for k, v in model.state_dict().items()}
     tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
     return expected, set(tied)

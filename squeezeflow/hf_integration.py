@@ -32,6 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from squeezeflow.errors import BadInput
 from squeezeflow.kernels import formats
+from squeezeflow.moe import UnfusedExperts, unfuse_experts
 
 QUANT_METHOD = "squeezeflow"
 FORMAT_VERSION = 1
@@ -98,7 +99,22 @@ class SqueezeflowHfQuantizer(HfQuantizer):
         return super().update_attn_implementation(config)
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        # An MoE's packed experts are per-expert linears: unfuse the skeleton's experts the way streaming did
+        # (squeezeflow.moe) before the packed modules replace those linears.
+        unfuse_experts(model)
         replace_modules(model, self.quantization_config.modules)
+
+    def update_weight_conversions(self, weight_conversions, model):
+        # The packed checkpoint already names tensors as the unfused skeleton does (`mlp.experts.3.gate_proj.
+        # qweight`, `mlp.gate.weight`): transformers' converters that merge per-expert tensors into fused
+        # experts would collect them for parameters the skeleton no longer has. Renamings stay.
+        from transformers.core_model_loading import WeightConverter
+
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        if not any(isinstance(m, UnfusedExperts) for m in model.modules()):
+            return conversions
+        return [c for c in conversions if not (isinstance(c, WeightConverter) and any(
+            ".experts." in t or t.startswith("experts.") for t in c._original_target_patterns))]
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         # Every packed tensor is final as stored: nothing to quantize while loading.

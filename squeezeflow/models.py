@@ -23,9 +23,11 @@ from typing import Iterator
 
 import torch
 
+from . import moe
 from .checkpoint_check import validate_checkpoint
 from .errors import BadInput
 from .fingerprint import FINGERPRINT_FILE, fingerprint_dir, fingerprint_files, prepared_hashes  # noqa: F401
+from .moe_checkpoint import Source, converted
 from .settings import models_dir
 from .store import canonical_json, sha256_file
 from .trees import checked_dir
@@ -219,15 +221,23 @@ class LayerStream:
         self.model.eval()  # no dropout: streamed statistics must match the model's inference forward
         # from_config settled the attention implementation on the model's config: masks are made for that one.
         self.config = self.model.config
+        # Routed experts as one nn.Linear per expert projection (moe.py), before the layout is checked.
+        moe.unfuse_experts(self.model)
         architectures.check_layout(self.config, self.model)
         self.inner = self.model.model
         self.num_layers = len(self.inner.layers)
         self._index = {id(layer): i for i, layer in enumerate(self.inner.layers)}
+        # Checkpoint tensors by our names (MoE checkpoints' per-expert or fused names converted, see
+        # moe_checkpoint.py), and the raw names by file (truncate_model copies those as they are).
         self._where: dict[str, Path] = {}
+        self._sources: dict[str, tuple[Path, Source]] = {}
+        model_type = self.config.model_type
         for f in safetensors_files(self.path):
             with safe_open(f, "pt") as st:
                 for k in st.keys():
                     self._where[k] = f
+                    for name, source, _ in converted(model_type, k, st.get_slice(k).get_shape()):
+                        self._sources[name] = (f, source)
         self.inputs = architectures.BlockInputs(self.config, self.model, self.device)
         self.embed_scale = architectures.embed_scale(self.config, self.model)
 
@@ -237,14 +247,14 @@ class LayerStream:
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
-        for k, f in self._where.items():
+        by_file: dict[Path, list[tuple[str, Source]]] = {}
+        for k, (f, source) in self._sources.items():
             if k.startswith(prefix + "."):
-                by_file.setdefault(f, []).append(k)
+                by_file.setdefault(f, []).append((k, source))
         for f, keys in by_file.items():
             with safe_open(f, "pt", device=str(self.device)) as st:
-                for k in keys:
-                    out[k[len(prefix) + 1:]] = st.get_tensor(k).to(self.dtype)
+                for k, source in keys:
+                    out[k[len(prefix) + 1:]] = source.read(st).to(self.dtype)
         return out
 
     def _materialize(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
@@ -308,18 +318,22 @@ class LayerStream:
         return hidden
 
     def forward_block(self, layer: torch.nn.Module, hidden: list[torch.Tensor], batch_size: int = 4) -> list[torch.Tensor]:
+        """One pass of block `layer` over all windows. A statistics pass (hooks on the linears) sees each routed
+        expert's tokens at the end of the pass, under moe.py's fallback rule for experts that got too few."""
         out: list[torch.Tensor] = []
-        for s in range(0, len(hidden), batch_size):
-            h = torch.cat(hidden[s:s + batch_size])
-            y = layer(h, **self.block_kwargs(h, layer))
-            y = y[0] if isinstance(y, tuple) else y
-            out.extend(y.split(1))
+        with moe.routed_statistics(layer):
+            for s in range(0, len(hidden), batch_size):
+                h = torch.cat(hidden[s:s + batch_size])
+                y = layer(h, **self.block_kwargs(h, layer))
+                y = y[0] if isinstance(y, tuple) else y
+                out.extend(y.split(1))
         return out
 
 
 def decoder_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """The linear layers of a decoder block, by their name inside the block (self_attn.q_proj, ...)."""
-    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    """The linear layers of a decoder block that methods compress, by their name inside the block
+    (self_attn.q_proj, mlp.experts.3.gate_proj, ...). MoE routers stay full precision (moe.compressed)."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and moe.compressed(n)}
 
 
 def truncate_model(src: Path, dest: Path, num_layers: int) -> ResolvedModel:
@@ -331,12 +345,17 @@ def truncate_model(src: Path, dest: Path, num_layers: int) -> ResolvedModel:
         raise BadInput(f"num_layers must be in 1..{stream.num_layers}, got {num_layers}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    from safetensors import safe_open
+
     tensors = {}
-    for key in stream._where:
+    # The checkpoint's own names (an MoE's per-expert or fused form), so transformers loads the copy as it
+    # loads the source.
+    for key, f in stream._where.items():
         parts = key.split(".")
         if key.startswith("model.layers.") and int(parts[2]) >= num_layers:
             continue
-        tensors[key] = stream.tensors(key.rsplit(".", 1)[0])[parts[-1]]
+        with safe_open(f, "pt") as st:
+            tensors[key] = st.get_tensor(key)
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((Path(src) / "config.json").read_text())
     config["num_hidden_layers"] = num_layers

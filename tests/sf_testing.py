@@ -52,12 +52,24 @@ TINY_ARCHS = {
 }
 
 
+# Mixture-of-experts families (tests/unit/test_moe.py): 4 routed experts, top-2; Qwen2-MoE adds its shared expert
+# and sigmoid gate. Expert widths stay multiples of 32 so every group size / 2:4 / VQ preset applies.
+TINY_MOE_ARCHS = {
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                            "moe_intermediate_size": 64,
+                                                            "shared_expert_intermediate_size": 128}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2,
+                                                            "moe_intermediate_size": 64, "head_dim": 16}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
 def make_tiny(arch: str, dest: Path, tokenizer_src: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
-    """A tiny random model of one of TINY_ARCHS with the SmolLM2 tokenizer (see make_tiny_llama)."""
+    """A tiny random model of one of TINY_ARCHS or TINY_MOE_ARCHS with the SmolLM2 tokenizer (see make_tiny_llama)."""
     import transformers
     from transformers import AutoTokenizer
 
-    config_cls, model_cls, extra = TINY_ARCHS[arch]
+    config_cls, model_cls, extra = TINY_ARCHS[arch] if arch in TINY_ARCHS else TINY_MOE_ARCHS[arch]
     torch.manual_seed(seed)
     fields = dict(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

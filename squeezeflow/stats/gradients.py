@@ -104,7 +104,9 @@ def _block_gradients(stream: LayerStream, layer: torch.nn.Module, inputs: list[t
             x = x.detach().requires_grad_(want_input_grad)
             y = layer(x, **stream.block_kwargs(x, layer))
             y = y[0] if isinstance(y, tuple) else y
-            grads = torch.autograd.grad(y, weights + ([x] if want_input_grad else []), grad_outputs=grad_out)
+            # An expert no token of this window was routed to is not in the graph: its gradient is zero.
+            grads = torch.autograd.grad(y, weights + ([x] if want_input_grad else []), grad_outputs=grad_out,
+                                        allow_unused=True, materialize_grads=True)
             for name, g in zip(linears, grads):
                 g = g.double()
                 signed[name] += g

@@ -10,6 +10,7 @@ import contextlib
 import torch
 
 from ..models import decoder_linears
+from ..moe import routed_token_counts
 from .hooks import on_inputs
 
 
@@ -21,6 +22,7 @@ class HDiag:
         self.dtype = dtype  # accumulation precision (compute.py's statistics dtype); sums stay on x's device
         self._sums: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
+        self._routed: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def attach(self, layer: torch.nn.Module):
@@ -33,6 +35,8 @@ class HDiag:
 
         with on_inputs(decoder_linears(layer), accumulate):
             yield
+        self._routed = routed_token_counts(layer)  # an MoE block's per-expert counts (moe.py's fallback rule)
 
     def result(self) -> dict[str, torch.Tensor]:
-        return {name: (s / self._count[name]).float().cpu() for name, s in sorted(self._sums.items())}
+        return {**{name: (s / self._count[name]).float().cpu() for name, s in sorted(self._sums.items())},
+                **self._routed}

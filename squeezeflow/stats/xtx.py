@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 
 from ..models import decoder_linears
+from ..moe import ExpertMLP, routed_token_counts
 
 
 def _same_input(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -39,6 +40,7 @@ class XtX:
         # Inputs seen in the current forward of the block, with the linear that first saw each. Holding
         # the tensors keeps their memory from being reused, so a matching data_ptr means the same data.
         self._live: list[tuple[torch.Tensor, str]] = []
+        self._routed: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def attach(self, layer: torch.nn.Module) -> Iterator[None]:
@@ -47,7 +49,10 @@ class XtX:
         def new_forward(_mod, _args) -> None:
             self._live = []
 
-        handles = [layer.register_forward_pre_hook(new_forward)]
+        # An expert's call is a forward of its own (moe.py calls experts after the block's pass): nothing
+        # before it shares its input, and forgetting earlier inputs bounds what `_live` holds.
+        handles = [m.register_forward_pre_hook(new_forward) for m in (layer, *(
+            m for m in layer.modules() if isinstance(m, ExpertMLP)))]
         for name, lin in decoder_linears(layer).items():
             def hook(_mod, args, name=name) -> None:
                 x = args[0].detach()
@@ -67,6 +72,7 @@ class XtX:
             for h in handles:
                 h.remove()
             self._live = []
+        self._routed = routed_token_counts(layer)  # an MoE block's per-expert counts (moe.py's fallback rule)
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         # Products in fp64. Measured: fp32 per-batch products (2048 tokens) summed in fp64 raised GPTQ W3
@@ -82,8 +88,8 @@ class XtX:
 
     def result(self) -> dict[str, torch.Tensor]:
         means = {leader: (s / self._count[leader]).float().cpu() for leader, s in self._sums.items()}
-        return {name: means[leader] if name == leader else means[leader].clone()
-                for name, leader in sorted(self._leader.items())}
+        return {**{name: means[leader] if name == leader else means[leader].clone()
+                   for name, leader in sorted(self._leader.items())}, **self._routed}
 
     def metadata(self) -> dict[str, str]:
         """{"shared": JSON {linear: linear whose input it shares}} for the linears that share one."""
