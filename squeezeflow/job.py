@@ -139,6 +139,17 @@ def structural_count(recipe: Recipe) -> int:
 
 def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec,
               compute: ComputeSpec | None = None, max_shard_size: int | str | None = None) -> Job:
+    """Validate a request into a Job, or refuse it (BadInput, one line) before any work: the model's layout,
+    the recipe's fit to it, the sources, and whether its stages fit in memory (memory_plan.py)."""
+    from . import memory_plan
+
+    job = _job(model, recipe, calibration, evaluation, compute, max_shard_size)
+    memory_plan.check(job, load_config(Path(job.model.path), job.model.trust_remote_code))
+    return job
+
+
+def _job(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec,
+         compute: ComputeSpec | None, max_shard_size: int | str | None) -> Job:
     from .calibration import check_activation_memory, load_text
     from .compute import carried, resolve
     from .malloc import release_freed_memory

@@ -33,8 +33,8 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16
 COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def _cgroup_bytes() -> int | None:
-    """Memory left under this process's cgroup limit (a pod's), or None where there is no limit."""
+def _cgroup_files():
+    """(limit, usage) of this process's cgroup (v2, else v1), or None where there is no limit."""
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
@@ -45,8 +45,20 @@ def _cgroup_bytes() -> int | None:
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:
             return None
-        return max(0, int(limit) - usage)
+        return int(limit), usage
     return None
+
+
+def cgroup_limit_bytes() -> int | None:
+    """This process's cgroup memory limit (a pod's), or None where there is none."""
+    found = _cgroup_files()
+    return None if found is None else found[0]
+
+
+def _cgroup_bytes() -> int | None:
+    """Memory left under this process's cgroup limit, or None where there is no limit."""
+    found = _cgroup_files()
+    return None if found is None else max(0, found[0] - found[1])
 
 
 def host_available_bytes() -> int:

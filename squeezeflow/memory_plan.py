@@ -1,0 +1,145 @@
+"""The preflight's memory plan: the peak memory of each stage of a job, estimated from the checkpoint's
+tensor shapes (safetensors headers, nothing loaded) and the settings, against the memory this process may
+use (the cgroup limit a pod runs under, else the machine's RAM; the GPU's memory for a CUDA job). A job
+that will not fit is refused with the numbers before any work, instead of an out-of-memory kill hours in.
+
+What each stage holds at its peak (b = bytes per element of the compute dtype):
+- calibrate: the embedding (b) and the windows' hidden states, inputs and outputs of a block (fp32).
+- compress (per block): `memory.block_peak_bytes` per block in flight (one at the least), the block's
+  statistics (XᵀX per distinct linear input, in the statistics dtype) and the hidden states.
+- evaluate: today the whole model is loaded (streaming evaluation is not built yet): every parameter in
+  b, plus for the packed model its dequantized linears cached in b, plus the base model again for KL.
+- a fixed overhead (interpreter, torch, transformers, tokenizer), measured on this project's runs.
+SQUEEZEFLOW_MEMORY_LIMIT (e.g. 16GiB) stands in for the host limit, as a pod's would.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import BadInput
+from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, safetensors_header
+
+LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
+# The peak RSS of a run on a 2-block, 64-wide model (imports, tokenizer, corpus, allocator workspaces),
+# rounded up: what does not grow with the model.
+FIXED_OVERHEAD = 1536 << 20
+HEADROOM = 0.9
+LOGIT_COPIES = 3  # logits, their log-softmax and its gradient-free gather in the perplexity loop (fp32)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The checkpoint's parameter counts by role, and the sizes the stages' working sets depend on."""
+    block_params: int          # the largest decoder block
+    other_params: int          # embedding, final norm, head
+    total_params: int
+    hidden: int
+    vocab: int
+    linear_inputs: tuple[int, ...]  # in_features of each distinct linear input of the largest block
+
+
+def shapes(model_path: Path, config) -> Shapes:
+    blocks: dict[int, int] = {}
+    other = 0
+    inputs: dict[int, set] = {}
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        for name, info in safetensors_header(f).items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            if name.startswith("model.layers."):
+                block = int(name.split(".")[2])
+                blocks[block] = blocks.get(block, 0) + n
+                if name.endswith(".weight") and len(info["shape"]) == 2:
+                    # Linears reading the same input (q/k/v, gate/up) share one XᵀX: key by module group.
+                    group = ".".join(name.split(".")[3:5])
+                    inputs.setdefault(block, set()).add((group, info["shape"][1]))
+            else:
+                other += n
+    largest = max(blocks, key=blocks.get, default=0)
+    return Shapes(block_params=blocks.get(largest, 0), other_params=other, total_params=sum(blocks.values()) + other,
+                  hidden=int(config.hidden_size), vocab=int(config.vocab_size),
+                  linear_inputs=tuple(sorted({i for _, i in inputs.get(largest, set())})))
+
+
+@dataclass(frozen=True)
+class StagePeak:
+    stage: str
+    bytes: int
+    what: str
+
+
+def stage_peaks(s: Shapes, job) -> list[StagePeak]:
+    from .methods.base import WeightMethod
+
+    b = COMPUTE_BYTES[job.compute.dtype]
+    stats_b = 8 if job.compute.stats_dtype == "fp64" else 4
+    acts = 2 * job.calibration.n_samples * job.calibration.seqlen * s.hidden * 4
+    peaks = [StagePeak("calibrate", s.other_params * b + acts, "embedding and head, the windows' hidden states")]
+    method = job.weight_method
+    if isinstance(method, WeightMethod):
+        factor = float(getattr(method, "memory_factor", DEFAULT_FACTOR))
+        stats = sum(i * i for i in s.linear_inputs) * stats_b if method.statistics or method.dense_statistics else 0
+        peaks.append(StagePeak("compress", int(s.block_params * b * factor) + stats + acts,
+                               f"one block ×{factor:g} working copies, its XᵀX statistics, the hidden states"))
+    logits = LOGIT_COPIES * job.evaluation.seqlen * s.vocab * 4
+    dense = s.total_params * b
+    kl = dense if job.evaluation.kl_windows else 0
+    peaks.append(StagePeak("evaluate-fp32", dense + logits, "the whole base model (evaluation is not streamed yet)"))
+    peaks.append(StagePeak("evaluate", 2 * dense + kl + logits,
+                           "the packed model with its dequantized linears cached" + (", and the base model for KL" if kl else "")))
+    return [StagePeak(p.stage, p.bytes + FIXED_OVERHEAD, p.what) for p in peaks]
+
+
+def host_limit() -> tuple[int, str]:
+    """(bytes this process may use, where the number comes from)."""
+    from .memory import cgroup_limit_bytes
+    from .shards import parse_size
+
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    if raw:
+        try:
+            return parse_size(raw), LIMIT_ENV
+        except BadInput:
+            raise BadInput(f"{LIMIT_ENV}={raw!r} is not a size such as 16GiB or 64GB") from None
+    cgroup = cgroup_limit_bytes()
+    if cgroup is not None:
+        return cgroup, "the cgroup memory limit"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the machine's RAM"
+
+
+def device_limit(device: str) -> tuple[int, str] | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    _, total = torch.cuda.mem_get_info(torch.device(device))
+    return int(total), f"{device}'s memory"
+
+
+def plan(job, config) -> dict:
+    """{"stages": [...], "peak": the largest, "limit": bytes, "limit_source": ...} for `squeezeflow plan`."""
+    peaks = stage_peaks(shapes(Path(job.model.path), config), job)
+    limit, source = host_limit()
+    dev = device_limit(job.compute.device)
+    if dev is not None:  # on a GPU the working sets live on the device; the host holds one block's read buffer
+        limit, source = dev
+    top = max(peaks, key=lambda p: p.bytes)
+    return {"stages": [asdict(p) for p in peaks], "peak": asdict(top), "limit_bytes": limit, "limit_source": source,
+            "fits": top.bytes <= limit * HEADROOM}
+
+
+def check(job, config) -> dict:
+    """The plan, or BadInput (one line, with the numbers) when its largest stage does not fit."""
+    p = plan(job, config)
+    if not p["fits"]:
+        top = p["peak"]
+        raise BadInput(f"{job.model.name} with {job.recipe.name} needs ~{top['bytes'] / 2**30:.1f} GiB at the "
+                       f"{top['stage']} stage ({top['what']}, {job.compute.dtype}) but {p['limit_source']} is "
+                       f"{p['limit_bytes'] / 2**30:.1f} GiB; use a larger machine, --dtype bf16, fewer calibration "
+                       f"windows or fewer KL windows in the evaluation")
+    return p

@@ -1,0 +1,80 @@
+"""The preflight's memory plan: stage peaks from the checkpoint's shapes, refusal with the numbers when the
+largest does not fit the limit (a pod's cgroup limit, stood in for by SQUEEZEFLOW_MEMORY_LIMIT), and an
+estimate that bounds what a real run measures."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from squeezeflow import memory_plan, pipeline
+from squeezeflow.config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
+from squeezeflow.errors import BadInput
+from squeezeflow.models import load_config
+
+CALIB = CalibrationSpec(n_samples=2, seqlen=32, seed=0)
+EVAL = EvalSpec(seqlen=32, max_windows=1, kl_windows=1)
+
+
+def test_shapes_come_from_the_headers(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    s = memory_plan.shapes(tiny_model, load_config(tiny_model))
+    assert s.block_params == block
+    assert s.total_params == sum(p.numel() for p in model.parameters())  # tied head: stored once
+    assert s.linear_inputs == (64, 128)  # q/k/v, o and gate/up read 64 features; down_proj 128
+
+
+def test_a_job_that_does_not_fit_is_refused_with_numbers(tiny_model, monkeypatch):
+    monkeypatch.setenv(memory_plan.LIMIT_ENV, "1GiB")
+    with pytest.raises(BadInput, match=r"needs ~\d+\.\d GiB at the evaluate stage .* SQUEEZEFLOW_MEMORY_LIMIT is 1\.0 GiB") as e:
+        pipeline.preflight(ModelRef(ref=str(tiny_model)), "rtn-w4g32", CALIB, EVAL)
+    assert "\n" not in str(e.value)
+    monkeypatch.setenv(memory_plan.LIMIT_ENV, "64GB")
+    pipeline.preflight(ModelRef(ref=str(tiny_model)), "rtn-w4g32", CALIB, EVAL)
+
+
+def test_bad_limit_is_one_line(tiny_model, monkeypatch):
+    monkeypatch.setenv(memory_plan.LIMIT_ENV, "lots")
+    with pytest.raises(BadInput, match="SQUEEZEFLOW_MEMORY_LIMIT='lots' is not a size"):
+        pipeline.preflight(ModelRef(ref=str(tiny_model)), "rtn-w4g32", CALIB, EVAL)
+
+
+def test_peaks_follow_the_settings(tiny_model):
+    def peaks(**kw):
+        job = pipeline.preflight(ModelRef(ref=str(tiny_model)), "gptq-w4g32", kw.pop("calib", CALIB),
+                                 kw.pop("evaluation", EVAL), **kw)
+        return {p["stage"]: p["bytes"] for p in memory_plan.plan(job, load_config(tiny_model))["stages"]}
+
+    base = peaks()
+    assert peaks(compute=ComputeSpec(dtype="bf16"))["evaluate"] < base["evaluate"]
+    assert peaks(evaluation=EVAL.model_copy(update={"kl_windows": 0}))["evaluate"] < base["evaluate"]
+    assert peaks(calib=CALIB.model_copy(update={"n_samples": 64}))["compress"] > base["compress"]
+
+
+CHILD = r"""
+import json, resource, sys, tempfile, shutil
+from squeezeflow import memory_plan, pipeline
+from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.models import load_config
+from squeezeflow.store import LocalStore
+job = pipeline.preflight(ModelRef(ref=sys.argv[1]), "gptq-w4g32", CalibrationSpec(n_samples=2, seqlen=32),
+                         EvalSpec(seqlen=32, max_windows=1, kl_windows=1))
+d = tempfile.mkdtemp()
+try:
+    pipeline.run_job(job, LocalStore(d))
+finally:
+    shutil.rmtree(d)
+print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "estimate": memory_plan.plan(job, load_config(job.model.path))["peak"]["bytes"]}))
+"""
+
+
+def test_estimate_bounds_a_measured_run(tiny_model):
+    proc = subprocess.run([sys.executable, "-P", "-c", CHILD, str(tiny_model)], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["peak"] <= r["estimate"] <= 3 * r["peak"], r
