@@ -18,11 +18,11 @@ Refs accepted everywhere: an entry's s3:// URI, "model/recipe/artifact_id", "mod
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +36,9 @@ from .signing import SIGNATURE, Signer, TrustPolicy, signer_from_env, signer_of
 from .terminal import safe_text
 
 MAX_OBJECT_BYTES = 5 * 1024**4  # S3's object limit (multipart: 10,000 parts of up to 5 GiB)
+
+
+PULL_LOCK = ".pull.lock"  # in a pull's staging directory, never in a pulled one
 
 
 class ImmutableEntryError(BadInput):
@@ -223,23 +226,34 @@ class Registry(S3Objects, AliasMixin):
                 if not dest.is_dir() or any(dest.iterdir()):
                     raise BadInput(f"{safe_text(dest)} already exists and holds something else; remove it or "
                                    "choose another destination")
+            # A pull that is cut off (network, Ctrl-C, kill) leaves its staging directory, named by the
+            # manifest's hash: pulling the same entry again resumes each file where it stopped (ranged GETs)
+            # instead of starting an 8 GB download over. Bytes that fail their sha256 are dropped.
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.pull-", dir=dest.parent))
+                tmp = dest.parent / f".{dest.name}.pull-{hashlib.sha256(manifest_bytes).hexdigest()[:16]}"
+                tmp.mkdir(exist_ok=True)
+                lock = open(tmp / PULL_LOCK, "w")
             except (PermissionError, FileExistsError, NotADirectoryError) as e:
                 raise BadInput(f"cannot pull into {safe_text(dest)}: {e.strerror}") from None
-            try:
-                self._download_verified(entry, manifest, tmp)
-                authenticate_dir(tmp, manifest, f"{entry.uri}/{MANIFEST}")
-                (tmp / MANIFEST).write_bytes(manifest_bytes)
-                if signature is not None:
-                    (tmp / SIGNATURE).write_bytes(signature)
-                if dest.exists():
-                    dest.rmdir()  # empty, checked above
-                os.replace(tmp, dest)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            with lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # one puller per staging directory; the next one waits
+                if (dest / MANIFEST).is_file() and _same_manifest(dest, manifest):
+                    verify_dir(dest)  # a concurrent pull of the same entry finished while we waited
+                    return dest
+                try:
+                    self._download_verified(entry, manifest, tmp)
+                    authenticate_dir(tmp, manifest, f"{entry.uri}/{MANIFEST}")
+                    (tmp / MANIFEST).write_bytes(manifest_bytes)
+                    if signature is not None:
+                        (tmp / SIGNATURE).write_bytes(signature)
+                    (tmp / PULL_LOCK).unlink()
+                    if dest.exists():
+                        dest.rmdir()  # empty, checked above
+                    os.replace(tmp, dest)
+                except (IntegrityError, UntrustedEntry, BadInput):
+                    shutil.rmtree(tmp, ignore_errors=True)  # what is there is wrong, not merely unfinished
+                    raise
         return dest
 
     # --- internals: entries ---------------------------------------------------------------------
@@ -319,15 +333,37 @@ class Registry(S3Objects, AliasMixin):
             out = tmp / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             h, size = hashlib.sha256(), 0
-            with open(out, "wb") as f:
-                for chunk in self._stream(self._key(entry, rel)):
+            have = out.stat().st_size if out.is_file() else 0
+            if have > meta["size"]:
+                have = 0
+            with open(out, "r+b" if have else "wb") as f:
+                while size < have:  # the bytes an interrupted pull left: hashed, then continued after
+                    chunk = f.read(min(1 << 24, have - size))
                     h.update(chunk)
                     size += len(chunk)
-                    f.write(chunk)
+                f.truncate(have)
+                if have < meta["size"] or meta["size"] == 0:
+                    for chunk in self._stream_from(self._key(entry, rel), have):
+                        h.update(chunk)
+                        size += len(chunk)
+                        f.write(chunk)
             if size != meta["size"] or h.hexdigest() != meta["sha256"]:
+                out.unlink(missing_ok=True)
                 raise IntegrityError(f"{safe_text(rel)}: downloaded bytes do not match the manifest of {entry.uri} "
                                      f"(sha256 {h.hexdigest()[:12]}, size {size}; expected "
                                      f"{meta['sha256'][:12]}, {meta['size']}): the stored object is corrupted")
+
+
+    def _stream_from(self, key: str, start: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes from offset `start` on (a ranged GET when resuming)."""
+        if start == 0:
+            yield from self._stream(key, chunk)
+            return
+        body = self._c.get_object(Bucket=self.loc.bucket, Key=key, Range=f"bytes={start}-")["Body"]
+        try:
+            yield from body.iter_chunks(chunk)
+        finally:
+            body.close()
 
 
 def open_registry(uri: str | None = None, **trust: Any) -> Registry:

@@ -118,3 +118,52 @@ def test_a_file_changed_during_upload_is_an_integrity_error(small_parts: Registr
     with pytest.raises(IntegrityError, match="changed while it was uploaded"):
         reg._put_new_file(reg.loc.key("changed/model.safetensors"), src / "model.safetensors", "0" * 64,
                           (src / "model.safetensors").stat().st_size)
+
+
+def test_an_interrupted_pull_resumes_where_it_stopped(registry: Registry, tmp_path: Path):
+    """A pull cut off mid-file leaves its staging directory; the next pull of the same entry asks only for
+    the missing bytes (a ranged GET) and ends byte-identical. Staged bytes that were tampered with fail
+    their sha256, are dropped, and the pull after that starts the file over."""
+    reg = registry
+    src = big_artifact(tmp_path / "a", seed=5)
+    entry = reg.publish(src, MODEL, RECIPE, json.loads((src / "manifest.json").read_text())["artifact_id"])
+    big = reg._key(entry, "model.safetensors")
+    real_stream, cut = reg._stream_from, 3 * MiB
+
+    def cut_off(key, start, chunk=1 << 20):
+        sent = 0
+        for part in real_stream(key, start, chunk):
+            if key == big and sent >= cut:
+                raise ConnectionError("connection reset")
+            sent += len(part)
+            yield part
+
+    reg._stream_from = cut_off
+    with pytest.raises(ConnectionError):
+        reg.pull(entry.uri, tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+    (staging,) = tmp_path.glob(".pulled.pull-*")
+    assert (staging / "model.safetensors").stat().st_size == cut
+
+    reg._stream_from = real_stream
+    calls = record_calls(reg)
+    pulled = reg.pull(entry.uri, tmp_path / "pulled")
+    gets = [p for name, p in calls if name == "GetObject" and p["Key"] == big]
+    assert [p.get("Range") for p in gets] == [f"bytes={cut}-"]
+    assert (pulled / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert not list(tmp_path.glob(".pulled.pull-*")) and not (pulled / ".pull.lock").exists()
+
+    # Tampered staged bytes: the resumed file fails its sha256, the staging directory goes, a retry is clean.
+    reg._stream_from = cut_off
+    with pytest.raises(ConnectionError):
+        reg.pull(entry.uri, tmp_path / "again")
+    (staging,) = tmp_path.glob(".again.pull-*")
+    data = bytearray((staging / "model.safetensors").read_bytes())
+    data[100] ^= 0xFF
+    (staging / "model.safetensors").write_bytes(bytes(data))
+    reg._stream_from = real_stream
+    with pytest.raises(IntegrityError, match="do not match the manifest"):
+        reg.pull(entry.uri, tmp_path / "again")
+    assert not list(tmp_path.glob(".again.pull-*"))
+    assert (reg.pull(entry.uri, tmp_path / "again") / "model.safetensors").read_bytes() == \
+        (src / "model.safetensors").read_bytes()
