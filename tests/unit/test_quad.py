@@ -126,14 +126,39 @@ def test_qwen3_head_norm_eps_compensation_is_needed(smollm_path, tmp_path, monke
 
 
 def test_refusal_reasons_per_family():
-    from transformers import Gemma2Config, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import GPT2Config, Gemma2Config, MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     method = get_method(preset("quad-w4a4").methods[0])
     assert method.refusal(Qwen3Config()) is None
     assert "does not commute with the residual-stream rotation" in method.refusal(Gemma2Config())
     for config in (Qwen2MoeConfig(), Qwen3MoeConfig(), MixtralConfig()):
         assert "mixture-of-experts MLP" in method.refusal(config)
-    assert "does not know the 'olmo2' block layout" in method.refusal(type("C", (), {"model_type": "olmo2"})())
+    assert "does not know the 'gpt2' block layout" in method.refusal(GPT2Config())
+
+
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+             "original_max_position_embeddings": 256}
+
+
+def test_phi3_longrope_takes_quarot_and_refuses_quad(smollm_path, tmp_path):
+    """Phi3Config validates longrope factors against hidden_size // heads: an expanded checkpoint (r > 0)
+    does not load, so QUAD is refused before any work; QuaRot (r = 0) keeps hidden_size and stays exact."""
+    from transformers import AutoConfig
+
+    src = make_tiny("phi3", tmp_path / "phi3", smollm_path)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"rope_parameters": _LONGROPE}))
+    hf_config = AutoConfig.from_pretrained(src)
+    assert get_method(preset("quarot-w4a4").methods[0]).refusal(hf_config) is None
+    assert "longrope factors" in get_method(preset("quad-w4a4").methods[0]).refusal(hf_config)
+    with pytest.raises(BadInput, match="Phi3 is refused: transformers checks its longrope factors") as e:
+        pipeline.preflight(ModelRef(ref=str(src)), "quad-w4a4", CALIB, EVAL)
+    assert "\n" not in str(e.value)
+    transform_checkpoint(src, tmp_path / "quarot", _cov(64), 0, seed=0)
+    assert _rel_logit_diff(src, tmp_path / "quarot") < 1e-4
+    transform_checkpoint(src, tmp_path / "quad", _cov(64), 8, seed=0)
+    with pytest.raises(Exception, match="short_factor"):   # what the refusal spares the user after the stats pass
+        load_model(tmp_path / "quad")
 
 
 def test_transform_refuses_too_many_outlier_dims_and_unknown_tensors(tiny_model):

@@ -102,7 +102,7 @@ class QUAD(WeightMethod, TransformsModel, TunesPacked):
         return self.config if r == self.config.r else self.config.model_copy(update={"r": r})
 
     def refusal(self, model_config) -> str | None:
-        return layout_refusal(model_config)
+        return layout_refusal(model_config, self.resolve(model_config).r)
 
     def transform(self, src: Path, dst: Path, pooled_cov: torch.Tensor) -> None:
         transform_checkpoint(src, dst, pooled_cov, self.config.r, self.config.seed)

@@ -62,11 +62,22 @@ UNSUPPORTED_LAYOUTS = {
 SUPPORTED_LAYOUTS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
-def layout_refusal(config) -> str | None:
+def _longrope(config) -> bool:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return isinstance(rope, dict) and ("short_factor" in rope or "long_factor" in rope)
+
+
+def layout_refusal(config, r: int) -> str | None:
+    """Why QUAD with `r` outlier dimensions cannot rewrite this model into a loadable equivalent, or None."""
     model_type = getattr(config, "model_type", None)
-    if model_type in SUPPORTED_LAYOUTS:
-        return None
-    return UNSUPPORTED_LAYOUTS.get(model_type, f"the QUAD transform does not know the {model_type!r} block layout")
+    if model_type not in SUPPORTED_LAYOUTS:
+        return UNSUPPORTED_LAYOUTS.get(model_type, f"the QUAD transform does not know the {model_type!r} block layout")
+    # Phi3Config (unlike the generic rope check) validates longrope factors against hidden_size // heads rather
+    # than head_dim, so transformers would refuse the expanded config (Phi-3-128k, Phi-3.5, Phi-4-mini).
+    if r and model_type == "phi3" and _longrope(config):
+        return (f"transformers checks its longrope factors against hidden_size // num_attention_heads, so the "
+                f"checkpoint expanded by r = {r} would not load; QuaRot (r = 0) applies")
+    return None
 
 
 def outlier_projection(cov: torch.Tensor, r: int) -> torch.Tensor:
