@@ -6,23 +6,15 @@ import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, Field
 
 from squeezeflow import dag, pipeline
 from squeezeflow.config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
+from squeezeflow.flows.destinations import Destinations  # noqa: F401  (other flows and the CLI import it here)
 from squeezeflow.flows.run_progress import flow_progress
 from squeezeflow.recipes import RecipeSpec
 from squeezeflow.settings import store_uri as default_store_uri
 from squeezeflow.store import open_store
 from squeezeflow.tasks.stages import prefect_call
-
-
-class Destinations(BaseModel):
-    """Where results go. Empty = the defaults (local store in the cache, embedded S3 registry)."""
-
-    store: str = Field("", description="Artifact store: local directory or s3://bucket/prefix")
-    registry: str = Field("", description="Registry: s3://bucket/prefix; empty = embedded SeaweedFS")
-    publish: bool = True
 
 
 def table_artifact_key(prefix: str, name: str) -> str:
@@ -51,8 +43,8 @@ def compress_flow(model: ModelRef = ModelRef(), recipe: RecipeSpec = "rtn-w4g64"
         destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
         compute: Device (auto = CUDA when present) and precision the stages compute in.
     """
+    store = destinations.apply_blocks() or default_store_uri()  # first: preflight may read s3://
     started, job = time.perf_counter(), pipeline.preflight(model, recipe, calibration, evaluation, compute)
-    store = destinations.store or default_store_uri()
     registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
     get_run_logger().info("compressing %s (%s) with %s on %s", job.model.name, job.model.fingerprint[:12],
                           job.recipe.name, job.compute.device)

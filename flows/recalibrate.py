@@ -105,9 +105,9 @@ def recalibrate_flow(
         destinations: Artifact store and registry (publish=false: decide and record, publish nothing).
     """
     logger = get_run_logger()
+    store = destinations.apply_blocks() or default_store_uri()
     registry = pipeline.registry_for(destinations.registry)
     reg = Registry(registry)
-    store = destinations.store or default_store_uri()
     todo = [prepare(reg, uri, calibration, recipe_override) for uri in production_entries(reg, artifacts)]
     decisions = []
     for one in todo:  # every candidate preflighted above: all valid, or none runs

@@ -40,9 +40,8 @@ def sweep_flow(
         destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
         compute: Device (auto = CUDA when present) and precision the stages compute in.
     """
-    started = time.perf_counter()
+    started, store = time.perf_counter(), destinations.apply_blocks() or default_store_uri()
     jobs = [pipeline.preflight(model, r, calibration, evaluation, compute) for r in recipes]  # all valid, or none runs
-    store = destinations.store or default_store_uri()
     registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
     m = jobs[0].model
     stages = dag.plan(jobs, registry)  # one calibration, one statistics pass, one fp32 baseline for all

@@ -13,6 +13,8 @@ import sys
 import time
 
 from .cli_models import add_check_parser as add_models_check_parser
+from .aws_blocks import add_flags as add_block_flags
+from .aws_blocks import destination_fields
 from .cli_next import eval_sources, print_next_steps
 from .errors import BadInput, IntegrityError
 from .store import check_store
@@ -106,7 +108,8 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
     for spec in recipes:
         started = time.perf_counter()
         out = flow(model=model_ref, recipe=spec, calibration=calib, evaluation=evaluation, **_flow_compute(compute),
-                   destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish))
+                   destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish,
+                                             **destination_fields()))
         out["wall_s"] = round(time.perf_counter() - started, 2)
         results.append(out)
     return results
@@ -150,7 +153,7 @@ def cmd_sweep(args) -> int:
     flow = runners.with_runner(sweep_flow, runner)
     out = flow(model=model_ref, recipes=recipes, calibration=calib, evaluation=evaluation, compute=compute,
                destinations=Destinations(store=args.store or "", registry=registry_uri or "",
-                                         publish=not args.no_publish))
+                                         publish=not args.no_publish, **destination_fields()))
     if args.json:
         _print_json({"results": out["results"]})
     else:
@@ -285,6 +288,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_in(0, 2**63 - 1))
     p.add_argument("--registry", help="s3://bucket/prefix (default: the embedded SeaweedFS server)")
     p.add_argument("--store", help="artifact store: local dir or s3://bucket/prefix")
+    add_block_flags(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     p.add_argument("--device", help="auto (default: $SQUEEZEFLOW_DEVICE, else CUDA when present, else cpu), cpu, cuda[:N]")
     p.add_argument("--dtype", help="compute precision of blocks: fp32 (default), bf16 or fp16")
@@ -372,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cloze-items", type=int_in(0, 1_000_000), default=0, help="items per zero-shot cloze task (0 = skip)")
     ev.add_argument("--speed", action="store_true", help="prefill/decode tokens/s against the base, as ratios")
     add_eval_flags(ev)
+    add_block_flags(ev, store=False)
     ev.set_defaults(fn=cmd_eval)
 
     dep = sub.add_parser("deploy", help="register the compress, sweep and nightly recalibration flows as Prefect deployments")
@@ -413,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     args.json = want_json
     try:
         with _progress_bar(args):
+            from .aws_blocks import apply_args
+
+            apply_args(args)  # named prefect-aws blocks, loaded before any heavy work
             return args.fn(args)
     except BadInput as e:  # messages may quote registry or file content: escaped (squeezeflow/terminal.py)
         print(f"squeezeflow: error: {safe_text(e)}", file=sys.stderr)

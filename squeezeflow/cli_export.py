@@ -28,4 +28,7 @@ def add_parser(sub) -> None:
                      help="compressed-tensors scales (float16 holds ours exactly; bfloat16 rounds them)")
     exp.add_argument("--zero-points", default="padded", choices=["padded", "packed"],
                      help="asymmetric grids only: padded loads in transformers, packed is vLLM's layout")
+    from .aws_blocks import add_flags
+
+    add_flags(exp, store=False)  # an s3:// or alias ARTIFACT is read with these credentials
     exp.set_defaults(fn=cmd_export)

@@ -121,4 +121,7 @@ def add_parser(sub) -> None:
                      help="a trusted public key, besides $SQUEEZEFLOW_TRUSTED_KEYS (repeatable)")
     reg.add_argument("--alias", help="promote: the alias to move; history: whose moves (default production)")
     reg.add_argument("--registry")
+    from .aws_blocks import add_flags
+
+    add_flags(reg, store=False)
     reg.set_defaults(fn=cmd_registry)

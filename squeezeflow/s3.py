@@ -1,7 +1,8 @@
 """One way to build an S3 client, shared by the artifact store and the registry.
 
 Endpoint: SQUEEZEFLOW_S3_ENDPOINT, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (boto3's own variables),
-else AWS itself. Credentials: boto3's normal chain (environment, profile, instance role). The embedded
+else AWS itself. Credentials: boto3's normal chain (environment, profile, instance role), which a prefect-aws block fills in
+when one is named (aws_blocks.py). The embedded
 SeaweedFS server exports its endpoint and credentials into the environment of the process that uses it
 (see services.py), so nothing here ever prints or stores a secret.
 """
@@ -37,6 +38,12 @@ class S3Location:
 
     def uri(self, *parts: str) -> str:
         return f"s3://{self.bucket}/{self.key(*parts)}"
+
+
+def credentials_hint() -> str:
+    """What to check when S3 refuses: the prefect-aws block the credentials came from (aws_blocks.py
+    sets SQUEEZEFLOW_S3_BLOCK to its name), else the environment variables."""
+    return os.environ.get("SQUEEZEFLOW_S3_BLOCK") or "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
 
 
 def endpoint_url() -> str | None:
@@ -79,7 +86,7 @@ def check_reachable(uri: str) -> None:
         if code in ("404", "NoSuchBucket"):
             raise BadInput(f"S3 bucket {loc.bucket!r} does not exist at {endpoint_url() or 'AWS'}; create it first") from None
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise BadInput(f"S3 access to bucket {loc.bucket!r} denied ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+            raise BadInput(f"S3 access to bucket {loc.bucket!r} denied ({code}): check {credentials_hint()}") from None
         raise BadInput(f"S3 bucket {loc.bucket!r} not usable: {code}") from None
     except (BotoCoreError, OSError) as e:
         raise BadInput(f"S3 endpoint {endpoint_url() or 'AWS'} unreachable ({type(e).__name__}); "
@@ -245,6 +252,5 @@ class S3Objects:
             if code in ("NoSuchBucket",):
                 raise BadInput(f"cannot {action}: bucket {self.loc.bucket!r} does not exist at {where}") from None
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise BadInput(f"cannot {action}: access denied by {where} ({code}); check "
-                               "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") from None
+                raise BadInput(f"cannot {action}: access denied by {where} ({code}); check {credentials_hint()}") from None
             raise

@@ -65,6 +65,9 @@ def ensure_s3(timeout: float = 60.0) -> dict[str, Any]:
     "log". Raises ServiceError (naming the log file) when the server does not become ready in `timeout`,
     BadInput when its state or credentials file is corrupt (before anything is started).
     """
+    if os.environ.get("SQUEEZEFLOW_S3_BLOCK"):  # a prefect-aws block configured S3 (aws_blocks.py): keep it
+        return {"endpoint": os.environ.get("SQUEEZEFLOW_S3_ENDPOINT") or "AWS", "embedded": False,
+                "source": os.environ["SQUEEZEFLOW_S3_BLOCK"]}
     for var in S3_ENDPOINT_VARS:
         value = os.environ.get(var)
         if value and not (var == "SQUEEZEFLOW_S3_ENDPOINT" and value == _exported_s3):

@@ -1,0 +1,23 @@
+"""The flows' `destinations` parameter: where results go, and which prefect-aws blocks reach S3."""
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Destinations(BaseModel):
+    """Where results go. Empty = the defaults (local store in the cache, embedded S3 registry)."""
+
+    store: str = Field("", description="Artifact store: local directory or s3://bucket/prefix")
+    registry: str = Field("", description="Registry: s3://bucket/prefix; empty = embedded SeaweedFS")
+    publish: bool = True
+    # Block names only: the secrets stay in the blocks (squeezeflow/aws_blocks.py), never in parameters.
+    aws_credentials_block: str = Field("", description="prefect-aws AwsCredentials block for S3 (registry, store, "
+                                       "s3:// sources); empty = the worker's AWS_* environment")
+    store_block: str = Field("", description="prefect-aws S3Bucket block whose bucket/folder is the artifact store "
+                             "(the stage cache workers share); empty = the store field")
+
+    def apply_blocks(self) -> str:
+        """Load the named blocks into this run's process; the store URI (store, else the store block's)."""
+        from squeezeflow import aws_blocks
+
+        return aws_blocks.use(self.aws_credentials_block, self.store_block, self.store) or self.store
