@@ -4,9 +4,9 @@ The flow first writes the transformed dense checkpoint (transform.py: norms fuse
 expanded by the top-r outlier directions and rotated; function-preserving), then runs this method
 sequentially over it like GPTQ: each linear is GPTQ-quantized to a symmetric per-channel int grid with
 an MSE clip search, act-order, and
-- readers of the residual stream (q, k, v, gate, up): the r outlier input columns are kept in fp16
-  (`w_outlier`); GPTQ treats them as exact and lets them absorb the compensation of the columns before
-  them (keep_absorbs), since their stored value is free;
+- readers of the residual stream (q, k, v, gate, up; Phi3's fused qkv, gate_up): the r outlier input
+  columns are kept in fp16 (`w_outlier`); GPTQ treats them as exact and lets them absorb the
+  compensation of the columns before them (keep_absorbs), since their stored value is free;
 - o_proj and down_proj: the input is rotated online (seeded Hadamard-based rotation stored with the
   layer, kernels/rotation.py), so the weight is quantized as W·R against the Hessian Rᵀ H R.
 The packed "quad" format also records the activation fake-quant each layer runs with: act_bits per
