@@ -6,7 +6,8 @@ listening a report costs one empty loop, so library callers and unit tests pay n
 
 A flow wraps its run in a `RunProgress`: it says which stage runs now (`run.stage(...)`), turns the
 pipeline's reports into one run-wide percentage, writes it to a Prefect progress artifact and forwards
-labelled updates to the displays registered with `display()` (the CLI's stderr bar). Stages the pipeline
+labelled updates to the displays registered with `display()` (the CLI's stderr bar: `TerminalBar`, rich
+rows with per-stage and run-wide ETA that library warnings and logs print above, never into). Stages the pipeline
 does not report from (calibrate, pack, publish, or any stage served from the cache) simply complete when
 their task returns.
 
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -149,34 +151,100 @@ class RunProgress:
 
 
 class TerminalBar:
-    """A one-line progress bar on a text stream (the CLI's stderr), redrawn in place with '\\r'; a new line
-    when the stage changes, so the finished stages stay visible above the running one."""
+    """The flows' progress on a terminal stream (the CLI's stderr), drawn by rich: a run-wide row and the
+    current stage's row, each with its ETA (rich's estimate from the recent rate of progress); a finished
+    stage leaves one line above them. The live rows stop at 100 % so the command's results print below.
 
-    def __init__(self, stream, width: int = 28):
-        self.stream, self.width = stream, width
+    While the rows are shown, whatever else would write to the terminal goes *above* them instead of into
+    a row: sys.stderr (Python warnings, stray prints) through rich's redirect, sys.stdout too when it is
+    the terminal (never when piped: `--json` output must stay on stdout), and logging handlers that hold
+    the terminal stream (transformers' and Prefect's, created at import with the real stderr) are pointed
+    at the redirect until the rows stop. `get_time` and `force_terminal` exist for tests.
+    """
+
+    def __init__(self, stream, width: int = 28, force_terminal: bool | None = None, get_time=None,
+                 console_width: int | None = None):
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.stream = stream
+        self.console = Console(file=stream, force_terminal=force_terminal, width=console_width,
+                               highlight=False, soft_wrap=False)
+        stdout_tty = bool(getattr(sys.stdout, "isatty", lambda: False)())
+        self._progress = Progress(
+            TextColumn("{task.description:<24.24}"), BarColumn(bar_width=width), TextColumn("{task.fields[count]}"),
+            TextColumn("ETA"), TimeRemainingColumn(), console=self.console, redirect_stderr=True,
+            redirect_stdout=stdout_tty and stream is not sys.stdout, get_time=get_time, auto_refresh=False)
         self._label: str | None = None
+        self._run = self._stage = None
+        self._started_at = 0.0
+        self._rerouted: list[tuple[Any, Any]] = []
+        self._stderr_before: Any = sys.stderr
         self._lock = threading.Lock()
 
     def __call__(self, label: str, done: int, total: int, percent: float) -> None:
         with self._lock:
-            if self._label is not None and label != self._label:
-                self.stream.write("\n")
-            self._label = label
-            frac = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
-            filled = int(round(frac * self.width))
-            self.stream.write(f"\r{label:<24.24} [{'#' * filled}{'.' * (self.width - filled)}] "
-                              f"{done}/{total}  run {percent:5.1f}%")
-            if percent >= 100.0:  # the run is over: end the line before the command prints its results
-                self.stream.write("\n")
-                self._label = None
-            self.stream.flush()
+            p = self._progress
+            if self._run is None:
+                self._stderr_before = sys.stderr  # what handlers hold, before rich redirects it
+                p.start()
+                self._reroute_logging()
+                self._run = p.add_task("run", total=100.0, count="  0.0%")
+            if label != self._label:
+                self._end_stage()
+                self._label, self._started_at = label, p.get_time()
+                self._stage = p.add_task(label, total=max(total, 1), count="")
+            p.update(self._stage, completed=min(max(done, 0), max(total, 1)), total=max(total, 1),
+                     count=f"{done}/{total}")
+            p.update(self._run, completed=percent, count=f"{percent:5.1f}%")
+            p.refresh()
+            if percent >= 100.0:  # the run is over: the command's results print below, not into the rows
+                self._stop()
+
+    def _end_stage(self) -> None:
+        if self._stage is None:
+            return
+        task = next(t for t in self._progress.tasks if t.id == self._stage)
+        self._progress.console.print(f"{task.description:<24.24} done {task.fields['count']} in "
+                                     f"{self._progress.get_time() - self._started_at:.1f} s", markup=False)
+        self._progress.remove_task(self._stage)
+        self._stage, self._label = None, None
+
+    def _stop(self) -> None:
+        if self._run is None:
+            return
+        self._end_stage()
+        self._progress.refresh()
+        self._restore_logging()
+        self._progress.stop()
+        for task in list(self._progress.tasks):
+            self._progress.remove_task(task.id)
+        self._run = None
+
+    def _reroute_logging(self) -> None:
+        """Logging handlers that write to the terminal stream write to the redirect instead (see class doc)."""
+        proxy, real = sys.stderr, {id(self.stream), id(sys.__stderr__), id(self._stderr_before)}
+        loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                           if isinstance(lg, logging.Logger)]
+        for handler in {h for lg in loggers for h in lg.handlers}:
+            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in real and proxy is not handler.stream:
+                self._rerouted.append((handler, handler.stream))
+                handler.setStream(proxy)
+                console = getattr(handler, "console", None)  # Prefect's handler prints through its own rich console
+                if console is not None and id(console.file) in real:
+                    console.file = proxy
+
+    def _restore_logging(self) -> None:
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+            console = getattr(handler, "console", None)
+            if console is not None:
+                console.file = stream
+        self._rerouted.clear()
 
     def close(self) -> None:
         with self._lock:
-            if self._label is not None:
-                self.stream.write("\n")
-                self.stream.flush()
-            self._label = None
+            self._stop()
 
 
 @contextlib.contextmanager
@@ -187,7 +255,7 @@ def terminal_bar(stream, enabled: bool | None = None) -> Iterator[None]:
     if not enabled:
         yield
         return
-    bar = TerminalBar(stream)
+    bar = TerminalBar(stream, force_terminal=True)
     try:
         with display(bar):
             yield

@@ -3,6 +3,10 @@ form (choices offered as enums, free strings still accepted). No Prefect server 
 from __future__ import annotations
 
 import io
+import logging
+import re
+import sys
+import warnings
 
 import pytest
 import torch
@@ -59,16 +63,73 @@ def test_broken_listeners_do_not_break_the_run():
     assert run.percent == 100
 
 
-def test_terminal_bar_draws_in_place_and_starts_a_line_per_stage():
-    out = io.StringIO()
-    bar = TerminalBar(out, width=10)
-    bar("compress rtn", 1, 4, 30.0)
-    bar("compress rtn", 4, 4, 60.0)
-    bar("evaluate rtn", 1, 2, 80.0)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _lines(raw: str) -> list[str]:
+    """What a terminal shows, line by line: escapes dropped, each '\r'-redraw and newline a line."""
+    return [ln for ln in re.split(r"[\r\n]", _ANSI.sub("", raw)) if ln.strip()]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_terminal_bar_shows_stage_and_run_eta_after_some_steps():
+    out, clock = io.StringIO(), Clock()
+    bar = TerminalBar(out, width=10, force_terminal=True, get_time=clock, console_width=100)
+    bar("compress rtn", 0, 10, 0.0)
+    assert not any(re.search(r"ETA \d+:\d\d:\d\d", ln) for ln in _lines(out.getvalue()))  # no rate yet
+    for i in range(1, 4):  # one block per second
+        clock.t = float(i)
+        bar("compress rtn", i, 10, 5.0 * i)
+    stage = [ln for ln in _lines(out.getvalue()) if ln.startswith("compress rtn")][-1]
+    assert "3/10" in stage and "ETA 0:00:07" in stage  # 7 blocks left at 1 block/s
+    run = [ln for ln in _lines(out.getvalue()) if ln.startswith("run")][-1]
+    assert "15.0%" in run and "ETA 0:00:17" in run      # 85 % left at 5 %/s
+    clock.t = 4.0
+    bar("evaluate rtn", 1, 2, 90.0)                     # the finished stage leaves one line above
+    assert any(ln.startswith("compress rtn") and "done 3/10 in 4.0 s" in ln for ln in _lines(out.getvalue()))
+    bar("evaluate rtn", 2, 2, 100.0)                    # the run is over: the rows stop, nothing is left live
+    assert bar._run is None and _ANSI.sub("", out.getvalue()).endswith("\n")
     bar.close()
-    lines = out.getvalue().split("\n")
-    assert lines[0].split("\r")[-1].startswith("compress rtn") and "[##########] 4/4" in lines[0]
-    assert "[#####.....] 1/2" in lines[1] and "run  80.0%" in lines[1]
+
+
+def test_a_warning_or_log_line_mid_run_never_splits_a_bar_line(monkeypatch):
+    # As in the CLI: the bar draws on stderr, and a library logger created earlier (as transformers' is)
+    # holds that same stream; warnings are written to stderr too.
+    out, clock = io.StringIO(), Clock()
+    monkeypatch.setattr(sys, "stderr", out)
+    lib_log = logging.getLogger("test_progress.library")
+    handler = logging.StreamHandler(sys.stderr)
+    lib_log.addHandler(handler)
+    try:
+        bar = TerminalBar(sys.stderr, width=10, force_terminal=True, get_time=clock, console_width=100)
+        bar("compress rtn", 1, 4, 30.0)
+        redirected = sys.stderr is not out  # rich's redirect, while the rows are live
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            # Python's own display (pytest records warnings instead): formatted, written to sys.stderr.
+            warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+                warnings.formatwarning(m, c, f, n, line))
+            warnings.warn("a library warning mid-run", UserWarning)
+        lib_log.warning("a library log line mid-run")
+        clock.t = 1.0
+        bar("compress rtn", 2, 4, 40.0)
+        bar.close()
+    finally:
+        lib_log.removeHandler(handler)
+    assert redirected and sys.stderr is out and handler.stream is out  # all put back
+    lines = _lines(out.getvalue())
+    for needle in ("a library warning mid-run", "a library log line mid-run"):
+        hits = [ln for ln in lines if needle in ln]
+        assert hits, f"{needle!r} was not shown"
+        assert all("compress rtn" not in ln and "ETA" not in ln and "━" not in ln for ln in hits), hits
+    assert any(ln.startswith("compress rtn") and "2/4" in ln for ln in lines)
 
 
 def test_terminal_bar_is_quiet_when_stderr_is_not_a_terminal():
