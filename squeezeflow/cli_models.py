@@ -84,6 +84,11 @@ def cmd_models_check(args) -> int:
         print(f"{lay['family']} ({lay['model_type']}), {lay['num_layers']} layers; attention: "
               f"{', '.join(lay['attention_types'])} (window {lay['sliding_window']})")
         print(f"linears per block: {', '.join(lay['linears_per_block'])}")
+        if lay.get("experts"):
+            moe = lay["experts"]
+            print(f"experts: {moe['num_experts']} routed, top-{moe['top_k']}, in layers {moe['moe_layers']}; "
+                  f"shared: {', '.join(moe['shared_experts']) or 'none'}; "
+                  f"full precision: {', '.join(moe['full_precision'])}")
         print(f"streamed vs reference logits: max |d| / max |ref| = {result['max_rel_logit_diff']:.2e} on "
               f"{result['windows']} windows of {result['seqlen']} tokens -> "
               f"{'exact' if result['exact'] else 'NOT EXACT'}")

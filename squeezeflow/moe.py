@@ -33,6 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 
 MIN_ROUTED_TOKENS = 8
+FALLBACK_RULE = (f"an expert routed fewer than {MIN_ROUTED_TOKENS} calibration tokens in a block's pass gets "
+                 "statistics from every token entering its MoE block (a dense pass through that expert)")
 # Linears kept in full precision (module names inside a decoder block end with these): see the docstring.
 FULL_PRECISION = ("mlp.gate", "mlp.shared_expert_gate")
 ROUTED_TOKENS = "routed_tokens"   # suffix of the per-experts-module count a statistic carries

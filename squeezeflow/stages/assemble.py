@@ -46,6 +46,9 @@ def assemble(store: ArtifactStore, job: Job, calib: Ref, stats: dict[str, StatsR
     }
     if job.structural:
         lineage["chain"] = chain_lineage(store, job, list(steps))
+    fallback = moe_fallback(store, blocks)
+    if fallback:
+        lineage["moe_fallback"] = fallback
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "artifact"
         shutil.copytree(store.materialize(packed), out)
@@ -64,6 +67,15 @@ def assemble(store: ArtifactStore, job: Job, calib: Ref, stats: dict[str, StatsR
                     "recipe": job.recipe.name, "lineage": lineage, "metrics": m, "baseline": base, "files": files}
         (out / "manifest.json").write_bytes(canonical_json(manifest))
         return store.put_dir(out, kind="artifact")
+
+
+def moe_fallback(store: ArtifactStore, blocks: list[Ref]) -> dict | None:
+    """The MoE experts whose statistics came from the dense fallback (squeezeflow/moe.py), by block."""
+    from ..moe import FALLBACK_RULE, MIN_ROUTED_TOKENS
+
+    experts = [{"layer": i, **f} for i, ref in enumerate(blocks)
+               for f in json.loads(store.get_tensors_metadata(ref).get("moe_fallback", "[]"))]
+    return {"rule": FALLBACK_RULE, "min_routed_tokens": MIN_ROUTED_TOKENS, "experts": experts} if experts else None
 
 
 def publish(store: ArtifactStore, artifact: Ref, registry: str) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .. import memo, progress
+from .. import memo, moe, progress
 from ..compute import device_of, dtype_of, stage_compute
 from ..errors import BadInput
 from ..job import ModelInfo
@@ -82,6 +82,9 @@ def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str
         if f"{name}.bias" in weights:
             tensors[f"{name}.bias"] = weights[f"{name}.bias"]
     meta = {"layers": json.dumps(layers, sort_keys=True)}
+    fallback = moe.fallbacks(block_stats)  # MoE experts whose statistics came from moe.py's dense fallback
+    if fallback:
+        meta["moe_fallback"] = json.dumps(fallback, sort_keys=True)
     return store.put_tensors(tensors, kind="compressed-block", metadata=meta), w_hats
 
 

@@ -44,11 +44,16 @@ def _fast(name: str):
                                                  for m in recipe.methods]})
 
 
-def _generates(path) -> None:
+def _generates(path, packed: bool = False) -> None:
     import squeezeflow
     from transformers import AutoTokenizer
 
     model = squeezeflow.load(str(path))
+    if packed:  # the skeleton was unfused and the packed modules took the experts' linears
+        experts = model.model.layers[-1].mlp.experts
+        assert isinstance(experts, moe.UnfusedExperts)
+        assert not isinstance(experts[3].down_proj, torch.nn.Linear)
+        assert isinstance(model.model.layers[-1].mlp.gate.weight, torch.nn.Parameter)
     ids = AutoTokenizer.from_pretrained(path)("The state of the union", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
@@ -138,4 +143,85 @@ def test_recipe_runs_and_artifact_generates(tiny_moe, stores, arch, recipe):
         assert f"model.layers.{last}.mlp.gate.weight" in names  # the router, dense
         assert not any(n.startswith(f"model.layers.{last}.mlp.experts.0.gate_proj.") and n.endswith(".weight")
                        for n in names)
-    _generates(artifact)
+    _generates(artifact, packed=job.weight_recipe is not None)
+
+
+def test_fallback_rule_on_the_experts_module():
+    """Hooks on an expert's linears see its routed tokens; an expert routed fewer than MIN_ROUTED_TOKENS sees
+    every token that entered the block (in expert order, after the pass); without hooks nothing is deferred."""
+    torch.manual_seed(0)
+    experts = moe.UnfusedExperts(4, 8, 16, torch.nn.SiLU())
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(20, 8)
+    index = torch.stack([torch.arange(20) % 3, (torch.arange(20) + 1) % 3], dim=1)  # expert 3: never routed
+    index[0, 1] = 3                                                                   # ... except one token
+    weights = torch.full((20, 2), 0.5)
+    ref = experts(x, index, weights)
+    seen: dict[int, int] = {}
+    handles = [experts[e].gate_proj.register_forward_pre_hook(
+        lambda _m, args, e=e: seen.__setitem__(e, seen.get(e, 0) + args[0].shape[0])) for e in range(4)]
+    with moe.routed_statistics(experts):
+        out = experts(x, index, weights)
+        assert seen == {}  # deferred to the end of the pass
+    for h in handles:
+        h.remove()
+    assert torch.equal(out, ref)
+    assert experts.routed_tokens.tolist() == [13, 13, 13, 1]
+    assert seen == {0: 13, 1: 13, 2: 13, 3: 20}  # expert 3: 1 routed token < 8 -> all 20
+    stats = {"hdiag": moe.routed_token_counts(torch.nn.ModuleDict({"mlp": torch.nn.ModuleDict({"experts": experts})}))}
+    assert moe.fallbacks(stats) == [{"experts": "mlp.experts", "expert": 3, "routed_tokens": 1}]
+
+
+def _starve_expert(src, dest, expert: int = 3):
+    """`src` with layer 0's router biased away from `expert`: dimension 0 of the residual stream is a constant
+    10 (embedding column; attention does not write it), and the router reads it with -50 for `expert`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 10.0
+        model.model.layers[0].self_attn.o_proj.weight[0].zero_()
+        model.model.layers[0].post_attention_layernorm.weight[0] = 1.0
+        router = model.model.layers[0].mlp.gate.weight
+        router[:, 0] = 50.0
+        router[expert, 0] = -50.0
+    model.save_pretrained(dest)
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copyfile(f, dest / f.name)
+    return dest
+
+
+@pytest.mark.parametrize("recipe", ["gptq-w4g32", "wanda-p50"])
+def test_starved_expert_falls_back_and_is_recorded(tiny_moe, tmp_path_factory, recipe):
+    path = tmp_path_factory.getbasetemp() / "starved-mixtral"
+    if not path.exists():
+        _starve_expert(tiny_moe["mixtral"], path)
+    store = LocalStore(tmp_path_factory.mktemp("store-starved"))
+    job = pipeline.preflight(ModelRef(ref=str(path)), recipe, CALIB, EVAL)
+    out = pipeline.run_job(job, store)
+    manifest = json.loads((store.materialize(out["artifact"]) / "manifest.json").read_text())
+    fallback = manifest["lineage"]["moe_fallback"]
+    assert fallback["min_routed_tokens"] == moe.MIN_ROUTED_TOKENS and "dense pass" in fallback["rule"]
+    assert {"layer": 0, "experts": "mlp.experts", "expert": 3, "routed_tokens": 0} in fallback["experts"]
+    # The starved expert still has statistics (from all 64 tokens), so it was compressed like the others.
+    if out["stats"] and "hdiag" in out["stats"]:
+        h = store.get_tensors(out["stats"]["hdiag"].blocks[0])
+        assert h["mlp.experts.routed_tokens"][3] == 0 and torch.isfinite(h["mlp.experts.3.gate_proj"]).all()
+    _generates(store.materialize(out["artifact"]), packed=True)
+
+
+def test_plain_transformers_refuses_packed_moe(tiny_moe, stores):
+    """Without squeezeflow, a packed MoE artifact stops loudly (naming Squeezeflow), as dense ones do."""
+    from test_plain_transformers import run_without_squeezeflow
+
+    store = stores["mixtral"]
+    job = pipeline.preflight(ModelRef(ref=str(tiny_moe["mixtral"])), "rtn-w4g32", CALIB, EVAL)
+    artifact = store.materialize(pipeline.run_job(job, store)["artifact"])
+    code = ("import json, sys\nfrom transformers import AutoModelForCausalLM\ntry:\n"
+            "    AutoModelForCausalLM.from_pretrained(sys.argv[1]); out = 'loaded'\n"
+            "except Exception as e:\n    out = str(e)\n"
+            "print(json.dumps({'error': out, 'squeezeflow imported': 'squeezeflow' in sys.modules}))")
+    error = run_without_squeezeflow(code, str(artifact))["error"]
+    assert "Squeezeflow packed checkpoint" in error, error
