@@ -80,6 +80,8 @@ class EGLinear(PackedLinear):
     """A linear layer whose integer codes are stored exp-Golomb coded, decoded at first use."""
 
     format_name = FORMAT_NAME
+    vllm = ("not-served", "exp-Golomb is a storage-only entropy code with no vLLM kernel; dequantize to a dense "
+            "checkpoint first")
     packed_fields = ("stream", "symbols", "offsets")
 
     def __init__(self, in_features: int, out_features: int, inner: str, inner_params: Mapping[str, Any],

@@ -63,6 +63,8 @@ class FP8Linear(ParameterlessFormat, PackedLinear):
     """Linear layer with float8_e4m3fn weights and a per-row fp16 scale."""
 
     format_name = FORMAT_NAME
+    vllm = ("not-served", "per-row e4m3 weights match compressed-tensors' FP8 W8A16 per-channel scheme (vLLM's "
+            "FP8 Marlin path), but export does not write that form yet; dequantize to dense until it does")
     packed_fields = ("codes", "scales")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,

@@ -49,6 +49,8 @@ class OutlierQuantLinear(QuantLinear):
     format_name = FORMAT_NAME
     triton_kernel = True
     compressed_tensors = None  # the fp16 outliers have no compressed-tensors equivalent
+    vllm = ("not-served", "the sparse fp16 outliers have no vLLM kernel or compressed-tensors form; serve with "
+            "transformers + import squeezeflow, or dequantize to a dense checkpoint first")
     packed_fields = ("qweight", "scales", "zeros", "outlier_row_ptr", "outlier_col", "outlier_values")
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, nnz: int,

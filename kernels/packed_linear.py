@@ -35,6 +35,10 @@ class PackedLinear(nn.Module):
     # compressed-tensors form `squeezeflow export` writes ("pack-quantized", "dense"), or None.
     triton_kernel: ClassVar[bool] = False
     compressed_tensors: ClassVar[str | None] = None
+    # What vLLM can serve, on paper (not run on a GPU): (status, how). status is "served" (through the
+    # compressed-tensors export), "served-dense" (the export is a dense checkpoint: vLLM serves it, with no
+    # memory or speed gain) or "not-served". No default: every format states it (test_compatibility.py).
+    vllm: ClassVar[tuple[str, str]]
     bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32) -> None:

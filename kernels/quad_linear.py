@@ -48,6 +48,8 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, clip: float) -> torch.Tenso
 
 class QuadLinear(PackedLinear):
     format_name = FORMAT_NAME
+    vllm = ("not-served", "QUAD's online rotation and W4A4 activations have no vLLM path; serve with "
+            "transformers + import squeezeflow, or dequantize to a dense checkpoint first")
     packed_fields = ("qweight", "scales", "w_outlier")
 
     def __init__(self, in_features: int, out_features: int, bits: int, outlier_cols: int, act_bits: int,

@@ -49,6 +49,11 @@ class QuantLinear(PackedLinear):
     format_name = FORMAT_NAME
     triton_kernel = True
     compressed_tensors = "pack-quantized"
+    vllm = ("served", "export --format compressed-tensors (pack-quantized) -> vLLM's compressed-tensors WNA16 "
+            "scheme, 4 and 8 bits only: symmetric grids (the -sym presets) take the Marlin GPTQ kernels "
+            "(sm80+; group -1/32/64/128, in_features a multiple of 128, out_features of 64; else another WNA16 "
+            "kernel or a refusal), asymmetric "
+            "ones need --zero-points packed; 2/3-bit grids are not served")
     packed_fields = ("qweight", "scales", "zeros")
 
     qweight: torch.Tensor

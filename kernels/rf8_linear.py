@@ -146,6 +146,8 @@ class RF8Linear(ParameterlessFormat, PackedLinear):
     """Linear layer whose weight is stored as RF8 codes (8 bits) plus an int8 exponent bias per row."""
 
     format_name = FORMAT_NAME
+    vllm = ("not-served", "RF8 is a native 8-bit code with no vLLM kernel or compressed-tensors form; dequantize "
+            "to a dense checkpoint first")
     packed_fields = ("codes", "exp_bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype: torch.dtype = torch.float32,

@@ -69,6 +69,8 @@ class SparseLinear(PackedLinear):
 
     format_name = "sparse"
     compressed_tensors = "dense"
+    vllm = ("served-dense", "export --format compressed-tensors writes dense weights with zeros: vLLM serves "
+            "an ordinary dense model (no sparse kernel for unstructured sparsity)")
     packed_fields = ("mask", "values")
     _KEYS = frozenset({"nnz"})
 
@@ -127,6 +129,8 @@ class NMLinear(PackedLinear):
 
     format_name = "nm"
     compressed_tensors = "dense"
+    vllm = ("served-dense", "export writes dense weights with zeros: vLLM serves a dense model; its 2:4 sparse "
+            "kernels need compressed-tensors' sparse-24 layout, which export does not write")
     packed_fields = ("values", "indices")
     _KEYS = frozenset({"n", "m"})
 

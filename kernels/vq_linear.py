@@ -51,6 +51,8 @@ class VQLinear(PackedLinear):
 
     format_name = FORMAT_NAME
     triton_kernel = True
+    vllm = ("not-served", "NoWag-VQ codebooks have no vLLM kernel or compressed-tensors form; serve with "
+            "transformers + import squeezeflow, or dequantize to a dense checkpoint first")
     packed_fields = ("qcodes", "codebook", "row_norms", "col_norms")
 
     qcodes: torch.Tensor
