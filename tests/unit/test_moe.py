@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from squeezeflow import moe, pipeline
 from squeezeflow.cli_models import check_model
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
+from squeezeflow.job import target_linears
 from squeezeflow.models import LayerStream
 from squeezeflow.store import LocalStore
 from sf_testing import TINY_MOE_ARCHS, make_tiny
@@ -33,7 +34,7 @@ FULL_MATRIX = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p50", "nowag-p2:4"
 SUBSET = ("rtn-w4g32", "gptq-w4g32", "trsp-50+rtn-w4g32", "rf8")
 MATRIX = [(a, r) for a in ARCHS for r in (FULL_MATRIX if a == "qwen2_moe" else SUBSET)]
 _FAST = {"trsp": {"windows": 2, "seqlen": 32, "steps": 4, "stage2_steps": 4, "batch_size": 2},
-         "nowag-vq": {"max_iter": 10}}
+         "nowag-vq": {"max_iter": 10}, "backslash": {"windows": 2}}
 
 
 def _fast(name: str):
@@ -99,7 +100,11 @@ def test_streamed_forward_is_the_models_own(tiny_moe, arch, tmp_path):
         assert "mlp.gate" in experts["full_precision"]
         assert "mlp.experts.*.down_proj" in result["layout"]["linears_per_block"]
         assert result["recipes"]["quad-w4a4"].startswith("refused")
-    # Both forms stream the same per-expert matrices.
+    # Both forms pass preflight's checkpoint validation and stream the same per-expert matrices.
+    pipeline.preflight(ModelRef(ref=str(tmp_path / "fused")), "rtn-w4g32", CALIB, EVAL)
+    linears = target_linears(tmp_path / "fused")  # what every method compresses: experts yes, routers no
+    assert "model.layers.1.mlp.experts.3.down_proj" in linears and "model.layers.1.mlp.gate" not in linears
+    assert "model.layers.1.mlp.shared_expert_gate" not in linears
     a, b = LayerStream(hub), LayerStream(tmp_path / "fused")
     sa, sb = a.block_state(1), b.block_state(1)
     assert sa.keys() == sb.keys() and "mlp.experts.2.up_proj.weight" in sa and "mlp.gate.weight" in sa
