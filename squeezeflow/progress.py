@@ -205,7 +205,9 @@ class TerminalBar:
         if self._stage is None:
             return
         task = next(t for t in self._progress.tasks if t.id == self._stage)
-        self._progress.console.print(f"{task.description:<24.24} done {task.fields['count']} in "
+        # The stage is over when the next one starts, whatever its last report said.
+        count = f"{int(task.total)}/{int(task.total)} " if task.total and task.total > 1 else ""
+        self._progress.console.print(f"{task.description:<24.24} done {count}in "
                                      f"{self._progress.get_time() - self._started_at:.1f} s", markup=False)
         self._progress.remove_task(self._stage)
         self._stage, self._label = None, None
