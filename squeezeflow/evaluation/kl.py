@@ -16,6 +16,19 @@ import torch
 _CHUNK_POSITIONS = 256
 
 
+def kl_terms(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, int, int]:
+    """(Σ KL(P ‖ Q), top-1 agreements, positions) over logits [..., V] of the same positions."""
+    p_flat = p_logits.reshape(-1, p_logits.shape[-1])
+    q_flat = q_logits.reshape(-1, q_logits.shape[-1]).to(p_flat.device)
+    kl_sum, agree = 0.0, 0
+    for c in range(0, p_flat.shape[0], _CHUNK_POSITIONS):
+        log_p = torch.log_softmax(p_flat[c:c + _CHUNK_POSITIONS].double(), dim=-1)
+        log_q = torch.log_softmax(q_flat[c:c + _CHUNK_POSITIONS].double(), dim=-1)
+        kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
+        agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
+    return kl_sum, agree, p_flat.shape[0]
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -39,14 +52,8 @@ def kl_and_agreement(model: torch.nn.Module, base_model: torch.nn.Module, window
         ids = windows[s:s + batch_size].long()
         p_logits = base_model(input_ids=ids.to(_device(base_model)), use_cache=False).logits[:, :-1]
         q_logits = model(input_ids=ids.to(_device(model)), use_cache=False).logits[:, :-1]
-        p_flat = p_logits.reshape(-1, p_logits.shape[-1])
-        q_flat = q_logits.reshape(-1, q_logits.shape[-1]).to(p_flat.device)
-        for c in range(0, p_flat.shape[0], _CHUNK_POSITIONS):
-            log_p = torch.log_softmax(p_flat[c:c + _CHUNK_POSITIONS].double(), dim=-1)
-            log_q = torch.log_softmax(q_flat[c:c + _CHUNK_POSITIONS].double(), dim=-1)
-            kl_sum += float((log_p.exp() * (log_p - log_q)).sum())
-            agree += int((log_p.argmax(-1) == log_q.argmax(-1)).sum())
-        positions += p_flat.shape[0]
-        del p_logits, q_logits, p_flat, q_flat
+        k, a, n = kl_terms(p_logits, q_logits)
+        kl_sum, agree, positions = kl_sum + k, agree + a, positions + n
+        del p_logits, q_logits
     return {"kl": kl_sum / positions, "top1_agreement": agree / positions, "positions": positions,
             "direction": "KL(base || model), nats, fp64"}

@@ -44,37 +44,33 @@ def evaluate(store: ArtifactStore, model: ModelInfo, packed: Ref | None, spec: E
 
 def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> dict:
     """Metrics (ARCHITECTURE.md schema) of the checkpoint directory `path`; `model` supplies the tokenizer
-    and the compute setting (device, dtype). The whole model is loaded, then moved to the device."""
+    and the compute setting (device, dtype). Perplexity and KL stream both models block by block
+    (evaluation/streamed.py: one block of each in memory, the numbers of the whole loaded model); only the
+    cloze tasks, off by default, load the whole packed model."""
     from ..compute import device_of, dtype_of, stage_compute
-    from ..evaluation.perplexity import perplexity
-    from ..models import load_model
+    from ..evaluation.streamed import streamable, streamed_kl, streamed_perplexity
 
     compute = stage_compute(model)
     device, dtype = device_of(compute), dtype_of(compute)
-    net = _load_seeded(path, model.trust_remote_code, dtype).to(device)
-    for module in net.modules():  # decode each packed weight once, not on every forward
-        if hasattr(module, "cache_dequantized"):
-            module.cache_dequantized = True
+    stream = _seeded(_stream if streamable(path) else _whole, path, model.trust_remote_code, device, dtype)
     metrics = {"recipe": recipe, "uri": None, "perplexity": {}, "kl": {}, "accuracy": {}, "speed": {},
                "protocol": {"evaluation": {}}}
     protocols = eval_protocol(model, spec)
     total, done = sum(int(w.shape[0]) for w, _ in protocols.values()), 0
     for split, (windows, protocol) in protocols.items():
-        result = perplexity(net, windows.to(device), on_windows=lambda n, base=done: progress.report("evaluate", base + n, total))
+        result = streamed_perplexity(stream, windows, on_windows=lambda n, base=done: progress.report("evaluate", base + n, total))
         done += int(windows.shape[0])
         metrics["perplexity"][split] = round(result["perplexity"], 6)
         metrics["protocol"]["evaluation"][split] = protocol
     if spec.kl_windows and Path(path).resolve() != Path(model.path).resolve():
-        from ..evaluation.kl import kl_and_agreement
-
-        base = load_model(Path(model.path), dtype, model.trust_remote_code).to(device)
+        base = _stream(Path(model.path), model.trust_remote_code, device, dtype)
         for split, (windows, _) in protocols.items():
-            r = kl_and_agreement(net, base, windows[:spec.kl_windows])
+            r = streamed_kl(stream, base, windows[:spec.kl_windows])
             metrics["kl"][split] = {"kl": round(r["kl"], 8), "top1_agreement": round(r["top1_agreement"], 6),
                                     "positions": r["positions"], "windows": min(spec.kl_windows, len(windows))}
-        del base
     if spec.cloze_items:
-        metrics["accuracy"] = cloze_accuracy(net, model, spec)
+        metrics["accuracy"] = cloze_accuracy(_seeded(_whole, path, model.trust_remote_code, device, dtype).net,
+                                             model, spec)
     # Bits per weight of the ORIGINAL model's linears: a method that reshapes them (QUAD's expanded
     # inputs) pays for its extra stored columns instead of diluting them over a larger count.
     from ..evaluation.size import size_report
@@ -83,14 +79,29 @@ def evaluate_path(path: Path, model: ModelInfo, spec: EvalSpec, recipe: str) -> 
     return metrics
 
 
-@isolated_rng
-def _load_seeded(path: Path, trust_remote_code: bool, dtype: torch.dtype = torch.float32):
-    """The checkpoint loaded with a fixed seed (anything drawn while loading is reproducible) on a forked
-    generator (the caller's global one is left as it was)."""
+def _stream(path: Path, trust_remote_code: bool, device, dtype):
+    from ..evaluation.streamed import CheckpointStream
+
+    return CheckpointStream(path, trust_remote_code, device, dtype)
+
+
+def _whole(path: Path, trust_remote_code: bool, device, dtype: torch.dtype = torch.float32):
+    from ..evaluation.streamed import WholeModel
     from ..models import load_model
 
+    net = load_model(path, dtype, trust_remote_code).to(device)
+    for module in net.modules():  # decode each packed weight once, not on every forward
+        if hasattr(module, "cache_dequantized"):
+            module.cache_dequantized = True
+    return WholeModel(net)
+
+
+@isolated_rng
+def _seeded(load, *args):
+    """`load(*args)` with a fixed seed (anything drawn while building the model is reproducible) on a
+    forked generator (the caller's global one is left as it was)."""
     torch.manual_seed(0)
-    return load_model(path, dtype, trust_remote_code)
+    return load(*args)
 
 
 def cloze_accuracy(net, model: ModelInfo, spec: EvalSpec) -> dict:
