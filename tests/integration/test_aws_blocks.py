@@ -15,6 +15,7 @@ import pytest
 
 from prefect_fixtures import prefect_server, shared_inputs, tiny_llama, worker_env  # noqa: F401  (fixtures by name)
 from squeezeflow import s3
+from sf_testing import EnvSnapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -142,3 +143,85 @@ def test_the_flow_form_has_the_block_fields():
         dest = parameter_schema(f).model_dump()["definitions"]["Destinations"]["properties"]
         assert {"aws_credentials_block", "store_block"} <= set(dest)
         assert "AwsCredentials" in dest["aws_credentials_block"]["description"]
+
+
+def test_a_flow_run_given_only_block_names_loads_them_itself(blocks, tiny_llama, tmp_path):
+    """What a deployment run from the UI form gets: parameters with block names, a process with no S3
+    credentials (the flow runs in a fresh interpreter, as under a worker)."""
+    from prefect_fixtures import _RUN_FLOW
+
+    registry = f"s3://{blocks['bucket']}/blocks-flow-{uuid.uuid4().hex[:8]}"
+    params = {"model": {"ref": str(tiny_llama)}, "recipe": "rtn-w4g32",
+              "calibration": {"n_samples": 4, "seqlen": 64}, "evaluation": {"seqlen": 64, "max_windows": 2},
+              "destinations": {"registry": registry, "aws_credentials_block": blocks["good"],
+                               "store_block": blocks["store"]}}
+    result = tmp_path / "result.json"
+    p = subprocess.run([sys.executable, "-c", _RUN_FLOW, json.dumps(params), str(result),
+                        "squeezeflow.flows.compress:compress_flow"], capture_output=True, text=True, env=_env(),
+                       cwd=tmp_path, timeout=500)
+    out = json.loads(result.read_text()) if result.is_file() else {}
+    assert p.returncode == 0 and out.get("completed"), (p.stdout + p.stderr)[-4000:]
+    assert out["result"]["artifact"]["uri"].startswith(registry + "/")
+    _no_secret(blocks, p.stdout, p.stderr)
+
+
+# --- how a block's fields become this process's S3 settings (real prefect-aws objects, no server) ----
+
+@pytest.fixture
+def clean_s3_env():
+    """No S3 settings but a stale session token; the whole environment is put back afterwards (the blocks
+    write variables monkeypatch would not know to remove)."""
+    snapshot = EnvSnapshot()
+    for var in (*_S3_VARS, "AWS_PROFILE", "AWS_REGION"):
+        os.environ.pop(var, None)
+    os.environ["AWS_SESSION_TOKEN"] = "left-from-other-credentials"
+    try:
+        yield os.environ
+    finally:
+        snapshot.restore()
+
+
+def test_keys_endpoint_and_region_are_exported_and_a_stale_token_dropped(clean_s3_env):
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from squeezeflow import aws_blocks
+
+    aws_blocks._export(AwsCredentials(aws_access_key_id="AK", aws_secret_access_key="SK", region_name="eu-west-3",
+                                      aws_client_parameters=AwsClientParameters(endpoint_url="http://127.0.0.1:1")),
+                       "AwsCredentials block 'x'")
+    env = clean_s3_env
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env["AWS_REGION"]) == ("AK", "SK", "eu-west-3")
+    assert env["SQUEEZEFLOW_S3_ENDPOINT"] == "http://127.0.0.1:1" and "AWS_SESSION_TOKEN" not in env
+    assert s3.credentials_hint() == "AwsCredentials block 'x'" and s3.endpoint_url() == "http://127.0.0.1:1"
+
+
+def test_minio_profile_and_empty_credentials(clean_s3_env):
+    from prefect_aws import AwsCredentials, MinIOCredentials
+
+    from squeezeflow import aws_blocks
+
+    env = clean_s3_env
+    aws_blocks._export(MinIOCredentials(minio_root_user="mu", minio_root_password="mp"), "b")
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("mu", "mp")
+    aws_blocks._export(AwsCredentials(profile_name="team"), "b")  # env keys would win over the profile
+    assert env["AWS_PROFILE"] == "team" and "AWS_ACCESS_KEY_ID" not in env
+    del env[aws_blocks.MARKER]
+    env["SQUEEZEFLOW_S3_ENDPOINT"] = "http://mine:9000"
+    aws_blocks._export(AwsCredentials(), "S3Bucket block 's'")  # nothing in it: the environment stays in force
+    assert env["SQUEEZEFLOW_S3_ENDPOINT"] == "http://mine:9000" and aws_blocks.MARKER not in env
+    with pytest.raises(aws_blocks.BadInput, match="without a secret"):
+        aws_blocks._export(AwsCredentials(aws_access_key_id="AK"), "AwsCredentials block 'half'")
+    with pytest.raises(aws_blocks.BadInput, match="assume_role_arn"):
+        aws_blocks._export(AwsCredentials(assume_role_arn="arn:aws:iam::1:role/r"), "AwsCredentials block 'r'")
+
+
+def test_the_flags_default_to_the_environment(monkeypatch):
+    from squeezeflow.cli import build_parser
+
+    monkeypatch.setenv("SQUEEZEFLOW_AWS_CREDENTIALS_BLOCK", "from-env")
+    monkeypatch.setenv("SQUEEZEFLOW_STORE_BLOCK", "store-env")
+    args = build_parser().parse_args(["compress", "m", "--recipe", "rtn-w4g64"])
+    assert (args.aws_credentials_block, args.store_block) == ("from-env", "store-env")
+    args = build_parser().parse_args(["registry", "list", "--aws-credentials-block", "flag"])
+    assert args.aws_credentials_block == "flag" and not hasattr(args, "store_block")
