@@ -7,8 +7,9 @@ What each stage holds at its peak (b = bytes per element of the compute dtype):
 - calibrate: the embedding (b) and the windows' hidden states, inputs and outputs of a block (fp32).
 - compress (per block): `memory.block_peak_bytes` per block in flight (one at the least), the block's
   statistics (XᵀX per distinct linear input, in the statistics dtype) and the hidden states.
-- evaluate: today the whole model is loaded (streaming evaluation is not built yet): every parameter in
-  b, plus for the packed model its dequantized linears cached in b, plus the base model again for KL.
+- evaluate (streamed): one block and its dequantized copy, the embedding and head, every window's hidden
+  state and a batch's logits; twice over with KL (the base model streams beside it). The cloze tasks load
+  the packed model whole (its parameters and its dequantized linears in b).
 - a fixed overhead (interpreter, torch, transformers, tokenizer), measured on this project's runs.
 SQUEEZEFLOW_MEMORY_LIMIT (e.g. 16GiB) stands in for the host limit, as a pod's would.
 """
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import BadInput
+from .evaluation.streamed import CHUNK_WINDOWS
 from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, safetensors_header
 
 LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
@@ -86,12 +88,20 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
         stats = sum(i * i for i in s.linear_inputs) * stats_b if method.statistics or method.dense_statistics else 0
         peaks.append(StagePeak("compress", int(s.block_params * b * factor) + stats + acts,
                                f"one block ×{factor:g} working copies, its XᵀX statistics, the hidden states"))
-    logits = LOGIT_COPIES * job.evaluation.seqlen * s.vocab * 4
-    dense = s.total_params * b
-    kl = dense if job.evaluation.kl_windows else 0
-    peaks.append(StagePeak("evaluate-fp32", dense + logits, "the whole base model (evaluation is not streamed yet)"))
-    peaks.append(StagePeak("evaluate", 2 * dense + kl + logits,
-                           "the packed model with its dequantized linears cached" + (", and the base model for KL" if kl else "")))
+    # Evaluation streams (evaluation/streamed.py): a block and its dequantized copy, the embedding and head,
+    # every window's hidden state; KL streams the base model beside it. Cloze tasks load the model whole.
+    ev = job.evaluation
+    windows = min(ev.max_windows or CHUNK_WINDOWS, CHUNK_WINDOWS)  # hidden states alive at once
+    logits = LOGIT_COPIES * 4 * ev.seqlen * s.vocab * 4
+    one = 2 * s.block_params * b + s.other_params * b + windows * ev.seqlen * s.hidden * 4 + logits
+    peaks.append(StagePeak("evaluate-fp32", one, "one block, embedding and head, the windows' hidden states"))
+    if ev.cloze_items:
+        peaks.append(StagePeak("evaluate", 2 * s.total_params * b + logits,
+                               "the whole packed model with its dequantized linears (cloze tasks)"))
+    else:
+        peaks.append(StagePeak("evaluate", 2 * one if ev.kl_windows else one,
+                               "one block of the packed model" + (" and of the base model (KL)" if ev.kl_windows else "")
+                               + ", embeddings and heads, the windows' hidden states"))
     return [StagePeak(p.stage, p.bytes + FIXED_OVERHEAD, p.what) for p in peaks]
 
 

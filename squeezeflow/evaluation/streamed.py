@@ -22,6 +22,7 @@ from ..models import LayerStream
 from .kl import kl_terms
 
 PPL_BATCH, KL_BATCH = 4, 2  # the whole-model loops' batches (perplexity.py, kl.py)
+CHUNK_WINDOWS = 32
 
 
 class CheckpointStream(LayerStream):
@@ -77,11 +78,16 @@ class CheckpointStream(LayerStream):
         from ..architectures import softcap_logits
 
         windows = windows.to(self.device)
-        hidden = self.final_hidden(windows, batch_size)
         norm, lm_head = self.head_modules()
-        for s in range(0, len(hidden), batch_size):
-            h = torch.cat(hidden[s:s + batch_size])
-            yield windows[s:s + batch_size], softcap_logits(self.config, lm_head(norm(h)))
+        # Hidden states of at most CHUNK_WINDOWS windows are alive: a long evaluation set takes more passes
+        # over the blocks instead of more memory. CHUNK_WINDOWS is a multiple of the batch sizes, so the
+        # batches (and their numbers) are the ones the whole model sees.
+        for c in range(0, windows.shape[0], CHUNK_WINDOWS):
+            chunk = windows[c:c + CHUNK_WINDOWS]
+            hidden = self.final_hidden(chunk, batch_size)
+            for s in range(0, len(hidden), batch_size):
+                h = torch.cat(hidden[s:s + batch_size])
+                yield chunk[s:s + batch_size], softcap_logits(self.config, lm_head(norm(h)))
 
 
 class WholeModel:

@@ -7,6 +7,7 @@ from squeezeflow import pipeline
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.evaluation.kl import kl_and_agreement
 from squeezeflow.evaluation.perplexity import perplexity
+from squeezeflow.evaluation import streamed
 from squeezeflow.evaluation.streamed import CheckpointStream, streamed_kl, streamed_perplexity
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
@@ -37,9 +38,10 @@ def _packed(store, model_path, name):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_streamed_equals_whole_model(store, tiny_model, recipe):
+def test_streamed_equals_whole_model(store, tiny_model, recipe, monkeypatch):
     path = _packed(store, tiny_model, recipe)
     windows = torch.randint(0, 49152, (6, 32), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(streamed, "CHUNK_WINDOWS", 4)  # two passes over the blocks, as a long set takes
     whole = load_model(path)
     for m in whole.modules():
         if hasattr(m, "cache_dequantized"):
