@@ -1,6 +1,8 @@
 """The flows' `destinations` parameter: where results go, and which prefect-aws blocks reach S3."""
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, Field
 
 
@@ -17,7 +19,11 @@ class Destinations(BaseModel):
                              "(the stage cache workers share); empty = the store field")
 
     def apply_blocks(self) -> str:
-        """Load the named blocks into this run's process; the store URI (store, else the store block's)."""
+        """Load the named blocks into this run's process; the store URI (store, else the store block's).
+        Empty fields fall back to the worker's $SQUEEZEFLOW_AWS_CREDENTIALS_BLOCK / $SQUEEZEFLOW_STORE_BLOCK,
+        so every worker of a pool can be pointed at one shared store without each run naming it."""
         from squeezeflow import aws_blocks
 
-        return aws_blocks.use(self.aws_credentials_block, self.store_block, self.store) or self.store
+        creds = self.aws_credentials_block or os.environ.get(aws_blocks.CREDENTIALS_ENV, "")
+        store_block = self.store_block or ("" if self.store else os.environ.get(aws_blocks.STORE_ENV, ""))
+        return aws_blocks.use(creds, store_block, self.store) or self.store

@@ -165,6 +165,18 @@ def test_a_flow_run_given_only_block_names_loads_them_itself(blocks, tiny_llama,
     _no_secret(blocks, p.stdout, p.stderr)
 
 
+def test_a_worker_environment_names_the_shared_store_for_runs_that_name_none(blocks):
+    from squeezeflow.flows.compress import Destinations
+
+    snapshot = EnvSnapshot()
+    try:
+        os.environ["SQUEEZEFLOW_STORE_BLOCK"] = blocks["store"]
+        assert Destinations().apply_blocks() == f"s3://{blocks['bucket']}/{blocks['folder']}"
+        assert Destinations(store="/tmp/explicit").apply_blocks() == "/tmp/explicit"  # a run's own store wins
+    finally:
+        snapshot.restore()
+
+
 # --- how a block's fields become this process's S3 settings (real prefect-aws objects, no server) ----
 
 @pytest.fixture
