@@ -59,6 +59,7 @@ def _generates(path, packed: bool = False) -> None:
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
     assert torch.isfinite(model(ids).logits).all()
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,11 @@ def test_recipe_runs_and_artifact_generates(tiny_moe, stores, arch, recipe):
         assert f"model.layers.{last}.mlp.gate.weight" in names  # the router, dense
         assert not any(n.startswith(f"model.layers.{last}.mlp.experts.0.gate_proj.") and n.endswith(".weight")
                        for n in names)
-    _generates(artifact, packed=job.weight_recipe is not None)
+    model = _generates(artifact, packed=job.weight_recipe is not None)
+    if recipe in ("rtn-w4g32", "gptq-w4g32"):  # the packed expert holds that expert's weights, 4-bit close
+        dense = LayerStream(tiny_moe[arch]).block_state(1)["mlp.experts.3.down_proj.weight"]
+        w = model.model.layers[1].mlp.experts[3].down_proj.dequantize(torch.float32)
+        assert float((w - dense).norm() / dense.norm()) < 0.2
 
 
 def test_fallback_rule_on_the_experts_module():
