@@ -338,6 +338,7 @@ def decoder_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 def truncate_model(src: Path, dest: Path, num_layers: int) -> ResolvedModel:
     """A copy of `src` keeping only its first `num_layers` decoder blocks (smoke tests, quick trials)."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     stream = LayerStream(src)
@@ -345,17 +346,15 @@ def truncate_model(src: Path, dest: Path, num_layers: int) -> ResolvedModel:
         raise BadInput(f"num_layers must be in 1..{stream.num_layers}, got {num_layers}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    from safetensors import safe_open
-
     tensors = {}
     # The checkpoint's own names (an MoE's per-expert or fused form), so transformers loads the copy as it
     # loads the source.
-    for key, f in stream._where.items():
-        parts = key.split(".")
-        if key.startswith("model.layers.") and int(parts[2]) >= num_layers:
-            continue
+    for f in sorted(set(stream._where.values())):
         with safe_open(f, "pt") as st:
-            tensors[key] = st.get_tensor(key)
+            for key in st.keys():
+                parts = key.split(".")
+                if not (key.startswith("model.layers.") and int(parts[2]) >= num_layers):
+                    tensors[key] = st.get_tensor(key)
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((Path(src) / "config.json").read_text())
     config["num_hidden_layers"] = num_layers

@@ -235,3 +235,14 @@ def test_plain_transformers_refuses_packed_moe(tiny_moe, stores):
             "print(json.dumps({'error': out, 'squeezeflow imported': 'squeezeflow' in sys.modules}))")
     error = run_without_squeezeflow(code, str(artifact))["error"]
     assert "Squeezeflow packed checkpoint" in error, error
+
+
+def test_truncated_moe_keeps_its_checkpoint_form(tiny_moe, tmp_path):
+    """truncate_model copies the checkpoint's own names (Mixtral's w1/w2/w3), so transformers loads the copy."""
+    from squeezeflow.models import truncate_model
+
+    short = truncate_model(tiny_moe["mixtral"], tmp_path / "short", 1).path
+    with safe_open(short / "model.safetensors", "pt") as st:
+        assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in st.keys()
+        assert not any(k.startswith("model.layers.1.") for k in st.keys())
+    assert check_model(short, n_windows=1, seqlen=32)["max_rel_logit_diff"] <= 1e-4
