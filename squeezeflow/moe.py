@@ -20,7 +20,10 @@ are instead collected as if every token entering the MoE block were routed to it
 expert), and the block's statistics say so (`routed_tokens`, see `fallbacks`). To apply the rule, which
 depends on counts known only after the pass, an observed pass (`routed_statistics`) computes the block
 output without firing the expert linears' hooks, records each batch's MoE input and routing, and at the
-end calls each expert, in expert order, on its routed tokens or, under the rule, on all of them.
+end calls each expert, in expert order, on its routed tokens or, under the rule, on all of them. Cost of an
+observed pass: the MoE inputs of all windows held once more (the size of the block's hidden states) and the
+routed experts run twice. Weight gradients (stats/gradients.py, a backward pass, not hooks) of an expert no
+token was routed to are zero: it had no effect on the loss.
 """
 from __future__ import annotations
 
