@@ -44,7 +44,8 @@ def compress_flow(model: ModelRef = ModelRef(), recipe: RecipeSpec = "rtn-w4g64"
         compute: Device (auto = CUDA when present) and precision the stages compute in.
     """
     store = destinations.apply_blocks() or default_store_uri()  # first: preflight may read s3://
-    started, job = time.perf_counter(), pipeline.preflight(model, recipe, calibration, evaluation, compute)
+    started, job = time.perf_counter(), pipeline.preflight(model, recipe, calibration, evaluation, compute,
+                                                               destinations.max_shard_size)
     registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
     get_run_logger().info("compressing %s (%s) with %s on %s", job.model.name, job.model.fingerprint[:12],
                           job.recipe.name, job.compute.device)

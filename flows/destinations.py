@@ -12,6 +12,9 @@ class Destinations(BaseModel):
     store: str = Field("", description="Artifact store: local directory or s3://bucket/prefix")
     registry: str = Field("", description="Registry: s3://bucket/prefix; empty = embedded SeaweedFS")
     publish: bool = True
+    max_shard_size: str = Field("5GB", pattern=r"^\s*\d+(\.\d+)?\s*([KMGTkmgt][iI]?[bB]|[bB])?\s*$",
+                                description="Largest packed weight file (5GB, 2GiB...); a larger model is sharded "
+                                "with an index file, as transformers writes it")
     # Block names only: the secrets stay in the blocks (squeezeflow/aws_blocks.py), never in parameters.
     aws_credentials_block: str = Field("", description="prefect-aws AwsCredentials block for S3 (registry, store, "
                                        "s3:// sources); empty = the worker's AWS_* environment")

@@ -41,7 +41,8 @@ def sweep_flow(
         compute: Device (auto = CUDA when present) and precision the stages compute in.
     """
     started, store = time.perf_counter(), destinations.apply_blocks() or default_store_uri()
-    jobs = [pipeline.preflight(model, r, calibration, evaluation, compute) for r in recipes]  # all valid, or none runs
+    jobs = [pipeline.preflight(model, r, calibration, evaluation, compute, destinations.max_shard_size)
+            for r in recipes]  # all valid, or none runs
     registry = pipeline.registry_for(destinations.registry) if destinations.publish else None
     m = jobs[0].model
     stages = dag.plan(jobs, registry)  # one calibration, one statistics pass, one fp32 baseline for all

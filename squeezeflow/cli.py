@@ -92,13 +92,13 @@ def _compute(args):
 
 
 def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, store: str | None, publish: bool = True,
-                 runner=None, compute=None) -> list[dict]:
+                 runner=None, compute=None, max_shard_size: str | None = None) -> list[dict]:
     """Preflight every recipe, then run the flow once per recipe on the configured Prefect server;
     `runner` (a runners.RunnerSpec, default: Prefect's thread pool) runs the per-block tasks."""
     from . import pipeline, runners
 
     for r in recipes:  # fail fast, before any server starts
-        pipeline.preflight(model_ref, r, calib, evaluation, compute)
+        pipeline.preflight(model_ref, r, calib, evaluation, compute, max_shard_size)
     check_store(store)
     registry_uri = _start_servers(registry, publish)
     from .flows.compress import Destinations, compress_flow
@@ -109,7 +109,8 @@ def run_compress(model_ref, recipes, calib, evaluation, registry: str | None, st
         started = time.perf_counter()
         out = flow(model=model_ref, recipe=spec, calibration=calib, evaluation=evaluation, **_flow_compute(compute),
                    destinations=Destinations(store=store or "", registry=registry_uri or "", publish=publish,
-                                             **destination_fields()))
+                                             **destination_fields(),
+                                             **({"max_shard_size": max_shard_size} if max_shard_size else {})))
         out["wall_s"] = round(time.perf_counter() - started, 2)
         results.append(out)
     return results
@@ -144,7 +145,7 @@ def cmd_sweep(args) -> int:
         raise BadInput("--recipes needs at least one recipe")
     compute = _compute(args)
     for r in recipes:
-        pipeline.preflight(model_ref, r, calib, evaluation, compute)
+        pipeline.preflight(model_ref, r, calib, evaluation, compute, args.max_shard_size)
     check_store(args.store)
     registry_uri = _start_servers(args.registry, not args.no_publish)
     from .flows.compress import Destinations
@@ -153,7 +154,8 @@ def cmd_sweep(args) -> int:
     flow = runners.with_runner(sweep_flow, runner)
     out = flow(model=model_ref, recipes=recipes, calibration=calib, evaluation=evaluation, compute=compute,
                destinations=Destinations(store=args.store or "", registry=registry_uri or "",
-                                         publish=not args.no_publish, **destination_fields()))
+                                         publish=not args.no_publish, **destination_fields(),
+                                         **({"max_shard_size": args.max_shard_size} if args.max_shard_size else {})))
     if args.json:
         _print_json({"results": out["results"]})
     else:
@@ -194,7 +196,7 @@ def cmd_compress(args) -> int:
     for r in recipes:
         load_recipe(r)
     results = run_compress(model_ref, recipes, calib, evaluation, args.registry, args.store, not args.no_publish,
-                           runner=runner, compute=_compute(args))
+                           runner=runner, compute=_compute(args), max_shard_size=args.max_shard_size)
     if args.json:
         _print_json({"results": _metrics_list(results)})
     else:
@@ -288,6 +290,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int_in(0, 2**63 - 1))
     p.add_argument("--registry", help="s3://bucket/prefix (default: the embedded SeaweedFS server)")
     p.add_argument("--store", help="artifact store: local dir or s3://bucket/prefix")
+    p.add_argument("--max-shard-size", help="largest packed weight file, e.g. 2GB or 500MiB (default 5GB)")
     add_block_flags(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
     p.add_argument("--device", help="auto (default: $SQUEEZEFLOW_DEVICE, else CUDA when present, else cpu), cpu, cuda[:N]")

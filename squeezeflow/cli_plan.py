@@ -14,7 +14,7 @@ def cmd_plan(args, specs, print_json) -> int:
     from .cli import _compute
 
     model_ref, calib, evaluation = specs(args)
-    jobs = [pipeline.preflight(model_ref, r, calib, evaluation, _compute(args)) for r in args.recipe.split(",")]
+    jobs = [pipeline.preflight(model_ref, r, calib, evaluation, _compute(args), args.max_shard_size) for r in args.recipe.split(",")]
     stages = dag.plan(jobs, None if args.no_publish else "(registry)")
     rows = dag.probe(stages, args.store or store_uri())
     literal = {s.id: {k: _short(v) for k, v in s.inputs.items() if not dag._uses(v)} for s in stages}

@@ -65,6 +65,9 @@ CASES = {
     "zero evaluation windows": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--eval-windows", "0"], "--eval-windows: 0 is out of range"),
     # destinations
     "unreachable S3": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--registry", "s3://nowhere/reg"], "unreachable"),
+    "shard size not a size": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--max-shard-size", "3parsecs"], "max shard size '3parsecs' is not a size"),
+    "shard size too small": (["sweep", "{tiny}", "--recipes", "rtn-w4g32", "--max-shard-size", "10KB"], "below the minimum of 1 MiB"),
+    "memory limit below the plan": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--no-publish"], "SQUEEZEFLOW_MEMORY_LIMIT is 0.1 GiB", {"SQUEEZEFLOW_MEMORY_LIMIT": "100MiB"}),
     "store not writable": (["compress", "{tiny}", "--recipe", "rtn-w4g32", "--store", "/proc/no-store", "--no-publish"], "is not a writable directory"),
     # command line and artifacts
     "missing --recipe": (["compress", "{tiny}"], "the following arguments are required: --recipe"),
@@ -118,7 +121,7 @@ def _inputs(tmp_path, tiny_model):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_exit_2(case, tiny_model, smollm_path, tmp_path):
-    args, expected = CASES[case]
+    args, expected, *env_case = CASES[case]
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     spaced = tmp_path / "tiny llama"
@@ -133,7 +136,7 @@ def test_bad_input_is_one_line_exit_2(case, tiny_model, smollm_path, tmp_path):
                               tmp_path / "ck"),
                      rec=_Lazy(_write_recipe, tmp_path / "rec")) for a in args]
     # Port 9 on loopback (discard) has no S3 server: connection refused straight away.
-    env = {"SQUEEZEFLOW_S3_ENDPOINT": "http://127.0.0.1:9"}
+    env = {"SQUEEZEFLOW_S3_ENDPOINT": "http://127.0.0.1:9", **(env_case[0] if env_case else {})}
     if case == "credentials: corrupt AWS file":
         (tmp_path / "aws-credentials").write_text("[default\naws_access_key_id = x\n")
         env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp_path / "aws-credentials")
@@ -159,6 +162,7 @@ FLOW_PARAMETERS = {
     "evaluation.seqlen": {"evaluation": {"seqlen": 4}},
     "calibration.seed": {"calibration": {"seed": "abc"}},
     "destinations.publish": {"destinations": {"publish": "maybe"}},
+    "destinations.max_shard_size": {"destinations": {"max_shard_size": "huge"}},
     "model.trust_remote_code": {"model": {"ref": "smollm2-135m", "trust_remote_code": "sometimes"}},
 }
 

@@ -91,3 +91,26 @@ def test_sharded_artifact_loads_and_matches_unsharded(tiny_model, tmp_path):
     metrics_b = json.loads((b / "report" / "metrics.json").read_text())["results"][1]
     assert metrics_a["perplexity"] == metrics_b["perplexity"]
     assert metrics_a["bits_per_weight"] == metrics_b["bits_per_weight"]
+
+
+def test_cli_plan_keys_the_pack_stage_by_a_non_default_shard_size(tiny_model, tmp_path):
+    """--max-shard-size reaches the job: the pack stage's inputs (its cache key, once its blocks exist) carry a
+    non-default size; the default leaves them as they were, and the stages before pack do not change."""
+    import os
+    import subprocess
+    import sys
+
+    def pack_row(*extra):
+        env = {**os.environ, "SQUEEZEFLOW_STORE": str(tmp_path / "store")}
+        p = subprocess.run([sys.executable, "-m", "squeezeflow.cli", "plan", str(tiny_model), "--recipe", "rtn-w4g32",
+                            "--no-publish", "--json", *extra], capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        rows = {r["id"]: r for r in json.loads(p.stdout)["stages"]}
+        return rows["rtn-w4g32/pack"], rows["calibrate"]
+
+    default, calib = pack_row()
+    same, _ = pack_row("--max-shard-size", "5GB")
+    small, calib_small = pack_row("--max-shard-size", "1MiB")
+    assert "max_shard_size" not in default["inputs"] and default["inputs"] == same["inputs"]
+    assert small["inputs"]["max_shard_size"] == 1 << 20
+    assert calib["key"] == calib_small["key"] is not None
