@@ -242,8 +242,9 @@ class LayerStream:
         self.embed_scale = architectures.embed_scale(self.config, self.model)
 
     # -- weights -------------------------------------------------------------------------------
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """All checkpoint tensors under `prefix.` (keys relative to the prefix)."""
+    def tensors(self, prefix: str, stored: bool = False) -> dict[str, torch.Tensor]:
+        """All checkpoint tensors under `prefix.` (keys relative to the prefix), in the compute dtype, or with
+        `stored` in the checkpoint's own (what packing copies: a bf16 model's norms stay bf16)."""
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}
@@ -254,7 +255,8 @@ class LayerStream:
         for f, keys in by_file.items():
             with safe_open(f, "pt", device=str(self.device)) as st:
                 for k, source in keys:
-                    out[k[len(prefix) + 1:]] = source.read(st).to(self.dtype)
+                    t = source.read(st)
+                    out[k[len(prefix) + 1:]] = t if stored else t.to(self.dtype)
         return out
 
     def _materialize(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
@@ -274,8 +276,8 @@ class LayerStream:
         finally:
             layer.to_empty(device="meta")
 
-    def block_state(self, i: int) -> dict[str, torch.Tensor]:
-        return self.tensors(f"model.layers.{i}")
+    def block_state(self, i: int, stored: bool = False) -> dict[str, torch.Tensor]:
+        return self.tensors(f"model.layers.{i}", stored)
 
     # -- forward pieces ------------------------------------------------------------------------
     def embed(self, windows) -> list[torch.Tensor]:

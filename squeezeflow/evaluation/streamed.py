@@ -38,11 +38,11 @@ class CheckpointStream(LayerStream):
         if self.packed:
             replace_modules(self.model, qc["modules"])
 
-    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+    def tensors(self, prefix: str, stored: bool = False) -> dict[str, torch.Tensor]:
         # Packed fields keep their stored dtype, as from_pretrained loads them (codes are integers, scales
         # fp16); dense weights are read in the compute dtype.
-        if not self.packed:
-            return super().tensors(prefix)
+        if not self.packed or stored:
+            return super().tensors(prefix, stored)
         from safetensors import safe_open
 
         out: dict[str, torch.Tensor] = {}

@@ -42,12 +42,13 @@ def pack(store: ArtifactStore, model: ModelInfo, recipe: Recipe, blocks: list[Re
                         writer.add(f"{prefix}.{name}.{field}", t)
                     modules[f"{prefix}.{name}"] = {"format": info["format"], **info["params"]}
                 del data
-                # Everything in the block that is not a compressed linear (norms) is copied as it is.
-                for k, v in stream.block_state(i).items():
+                # Everything in the block that is not a compressed linear (norms) is copied as it is, in the
+                # checkpoint's dtype (an fp32 copy of a bf16 model's embedding would double its size).
+                for k, v in stream.block_state(i, stored=True).items():
                     if k.rsplit(".", 1)[0] not in layers:
                         writer.add(f"{prefix}.{k}", v)
             for prefix in ("model.embed_tokens", "model.norm", "lm_head"):
-                for k, v in stream.tensors(prefix).items():
+                for k, v in stream.tensors(prefix, stored=True).items():
                     writer.add(f"{prefix}.{k}", v)
         config = json.loads((src / "config.json").read_text())
         config["quantization_config"] = {"quant_method": "squeezeflow", "format_version": FORMAT_VERSION,

@@ -1,6 +1,7 @@
 """The compute setting (device, dtype, statistics dtype): refused with one line where it cannot run,
 `auto` resolved for this machine, recorded in the manifest, and part of the cache keys only where it
 changes results — a default (cpu, fp32) run keeps every key it had before the setting existed."""
+import math
 import json
 import logging
 import subprocess
@@ -146,3 +147,28 @@ def test_sequential_gptq_runs_in_bf16_with_fp32_statistics(runs, tiny_model):
     b = load_file(store.materialize(packed) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a if "proj" not in k)
     assert any(not torch.equal(a[k], b[k]) for k in a if "proj" in k)
+
+
+def test_a_bf16_checkpoint_keeps_bf16_for_what_is_not_compressed(tiny_model, tmp_path):
+    """Embedding, norms and head are copied in the checkpoint's dtype (an fp32 copy of a bf16 model's
+    embedding doubled its size); the artifact loads and evaluates."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "tiny-bf16"
+    shutil.copytree(tiny_model, src)
+    state = load_file(src / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, src / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    store = LocalStore(tmp_path / "store")
+    job = pipeline.preflight(ModelRef(ref=str(src)), "rtn-w4g32", CalibrationSpec(n_samples=2, seqlen=32),
+                             EvalSpec(seqlen=32, max_windows=1, kl_windows=1))
+    out = pipeline.run_job(job, store)
+    packed = load_file(store.materialize(out["packed"]) / "model.safetensors")
+    plain = {k: v for k, v in packed.items() if "proj" not in k}
+    assert plain and all(v.dtype == torch.bfloat16 for v in plain.values()), {k: v.dtype for k, v in plain.items()}
+    assert all(torch.equal(v, state[k].to(torch.bfloat16)) for k, v in plain.items())
+    metrics = store.get_json(out["metrics"])
+    assert all(math.isfinite(v) for v in metrics["perplexity"].values()) and metrics["kl"]
