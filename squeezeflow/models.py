@@ -286,7 +286,8 @@ class LayerStream:
         emb = self._materialize(torch.nn.Embedding(*self.inner.embed_tokens.weight.shape, device="meta"),
                                 "model.embed_tokens")
         # Gemma scales the embeddings by √d (in its embedding module or its forward), in the weights' dtype.
-        scale = None if self.embed_scale is None else torch.tensor(self.embed_scale, dtype=emb.weight.dtype)
+        scale = None if self.embed_scale is None else torch.tensor(self.embed_scale, dtype=emb.weight.dtype,
+                                                                   device=emb.weight.device)
         ids = [w.reshape(1, -1).to(self.device) for w in windows]
         return [emb(i) if scale is None else emb(i) * scale for i in ids]
 

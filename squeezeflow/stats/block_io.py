@@ -28,7 +28,7 @@ class BlockIO:
 
     @contextlib.contextmanager
     def attach(self, layer: torch.nn.Module) -> Iterator[None]:
-        self._sums = {k: torch.zeros((), dtype=self.dtype) for k in _SUMS}
+        self._sums = {k: torch.zeros((), dtype=self.dtype, device="cpu") for k in _SUMS}
         self._count = 0
 
         def hook(_mod, args, kwargs, output) -> None:
@@ -55,5 +55,5 @@ class BlockIO:
             raise RuntimeError("block_io saw no tokens: was the block run while attached?")
         out = {k: s / self._count for k, s in self._sums.items()}
         out["influence"] = 1.0 - out["cos"]
-        out["count"] = torch.tensor(self._count, dtype=torch.int64)
+        out["count"] = torch.tensor(self._count, dtype=torch.int64, device="cpu")
         return out

@@ -96,8 +96,9 @@ def _block_gradients(stream: LayerStream, layer: torch.nn.Module, inputs: list[t
     for p in layer.parameters():
         p.requires_grad_(False)
     weights = [lin.weight.requires_grad_(True) for lin in linears.values()]
-    signed = {n: torch.zeros(lin.weight.shape, dtype=torch.float64) for n, lin in linears.items()}
-    squared = {n: torch.zeros(lin.weight.shape, dtype=torch.float64) for n, lin in linears.items()}
+    # Accumulated where the block runs (a GPU's gradients would otherwise cross to the host every window).
+    signed = {n: _zeros64(lin.weight) for n, lin in linears.items()}
+    squared = {n: _zeros64(lin.weight) for n, lin in linears.items()}
     input_grads: list[torch.Tensor] = []
     with torch.enable_grad():
         for x, grad_out in zip(inputs, upstream):
@@ -115,6 +116,10 @@ def _block_gradients(stream: LayerStream, layer: torch.nn.Module, inputs: list[t
                 input_grads.append(grads[-1])
     tensors: dict[str, torch.Tensor] = {}
     for name in linears:
-        tensors[f"{name}.abs_sum"] = signed[name].abs().float()
-        tensors[f"{name}.sq_sum"] = squared[name].float()
+        tensors[f"{name}.abs_sum"] = signed[name].abs().float().cpu()
+        tensors[f"{name}.sq_sum"] = squared[name].float().cpu()
     return tensors, input_grads
+
+
+def _zeros64(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(like.shape, dtype=torch.float64, device=like.device)

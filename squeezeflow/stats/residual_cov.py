@@ -50,7 +50,7 @@ class ResidualCov:
         out: dict[str, torch.Tensor] = {}
         for name, s in sorted(self._sums.items()):
             out[name] = (s / self._count[name]).cpu()
-            out[f"{name}.count"] = torch.tensor(self._count[name], dtype=torch.int64)
+            out[f"{name}.count"] = torch.tensor(self._count[name], dtype=torch.int64, device="cpu")
         return out
 
 
