@@ -7,21 +7,27 @@ import json
 
 
 def cmd_plan(args, specs, print_json) -> int:
-    from . import dag, pipeline
+    from pathlib import Path
+
+    from . import dag, memory_plan, pipeline
+    from .models import load_config
     from .settings import store_uri
     from .terminal import safe_text
 
     from .cli import _compute
 
     model_ref, calib, evaluation = specs(args)
-    jobs = [pipeline.preflight(model_ref, r, calib, evaluation, _compute(args), args.max_shard_size) for r in args.recipe.split(",")]
+    jobs = [pipeline.preflight(model_ref, r, calib, evaluation, _compute(args), args.max_shard_size)
+            for r in args.recipe.split(",")]
+    memory = {j.recipe.name: memory_plan.plan(j, load_config(Path(j.model.path))) for j in jobs}
     stages = dag.plan(jobs, None if args.no_publish else "(registry)")
     rows = dag.probe(stages, args.store or store_uri())
     literal = {s.id: {k: _short(v) for k, v in s.inputs.items() if not dag._uses(v)} for s in stages}
     for row in rows:
         row["inputs"] = literal[row["id"]]
     if args.json:
-        print_json({"model": jobs[0].model.key_form(), "recipes": [j.recipe.name for j in jobs], "stages": rows})
+        print_json({"model": jobs[0].model.key_form(), "recipes": [j.recipe.name for j in jobs], "stages": rows,
+                    "memory": memory})
         return 0
     width = max(len(r["id"]) for r in rows)
     print(safe_text(f"{jobs[0].model.name} ({jobs[0].model.fingerprint[:12]}): {len(rows)} stages"))
@@ -31,6 +37,10 @@ def cmd_plan(args, specs, print_json) -> int:
             f" after {len(r['after'])} stages" if r["after"] else "")
         key = (r["key"] or "-")[:28]
         print(safe_text(f"  {r['id']:<{width}}  {state:<7} {key:<28}{after}"))
+    for name, m in memory.items():  # what a pod's memory request must cover (the preflight refuses above it)
+        peak = m["peak"]
+        print(safe_text(f"memory, {name}: peak ~{peak['bytes'] / 2**30:.1f} GiB at {peak['stage']} ({peak['what']}); "
+                        f"{m['limit_source']} {m['limit_bytes'] / 2**30:.1f} GiB"))
     return 0
 
 

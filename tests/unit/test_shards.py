@@ -105,7 +105,9 @@ def test_cli_plan_keys_the_pack_stage_by_a_non_default_shard_size(tiny_model, tm
         p = subprocess.run([sys.executable, "-m", "squeezeflow.cli", "plan", str(tiny_model), "--recipe", "rtn-w4g32",
                             "--no-publish", "--json", *extra], capture_output=True, text=True, env=env, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
-        rows = {r["id"]: r for r in json.loads(p.stdout)["stages"]}
+        out = json.loads(p.stdout)
+        assert out["memory"]["rtn-w4g32"]["fits"] and out["memory"]["rtn-w4g32"]["peak"]["bytes"] > 0
+        rows = {r["id"]: r for r in out["stages"]}
         return rows["rtn-w4g32/pack"], rows["calibrate"]
 
     default, calib = pack_row()
