@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -271,6 +272,13 @@ def _packed_modules(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _refuse_unsupported(modules: Mapping[str, Mapping[str, Any]]) -> None:
+    # An MoE's packed experts are per-expert linears (squeezeflow/moe.py); transformers builds fused experts
+    # that these names do not fit: a plain load would fail or, worse, initialize the experts at random.
+    experts = sorted(n for n in modules if re.search(r"\.experts\.\d+\.", n))
+    if experts:
+        raise BadInput(f"cannot export a mixture-of-experts artifact to compressed-tensors ({experts[0]} is one "
+                       f"of {len(experts)} per-expert packed linears); `--format hf` keeps the packed form, which "
+                       f"loads after `import squeezeflow`")
     bad = sorted({e["format"] for e in modules.values() if e["format"] != "intq" and e["format"] not in _DENSE_FORMATS})
     if bad:
         fmt = bad[0]

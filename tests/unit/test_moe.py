@@ -222,7 +222,7 @@ def test_starved_expert_falls_back_and_is_recorded(tiny_moe, tmp_path_factory, r
     _generates(store.materialize(out["artifact"]), packed=True)
 
 
-def test_plain_transformers_refuses_packed_moe(tiny_moe, stores):
+def test_plain_transformers_refuses_packed_moe(tiny_moe, stores, tmp_path):
     """Without squeezeflow, a packed MoE artifact stops loudly (naming Squeezeflow), as dense ones do."""
     from test_plain_transformers import run_without_squeezeflow
 
@@ -235,6 +235,13 @@ def test_plain_transformers_refuses_packed_moe(tiny_moe, stores):
             "print(json.dumps({'error': out, 'squeezeflow imported': 'squeezeflow' in sys.modules}))")
     error = run_without_squeezeflow(code, str(artifact))["error"]
     assert "Squeezeflow packed checkpoint" in error, error
+    # Nor does an export to compressed-tensors hand transformers per-expert names its fused experts cannot take.
+    from squeezeflow.errors import BadInput
+    from squeezeflow.export import export
+
+    with pytest.raises(BadInput, match="cannot export a mixture-of-experts artifact") as e:
+        export(str(artifact), tmp_path / "exported")
+    assert "\n" not in str(e.value) and not (tmp_path / "exported").exists()
 
 
 def test_truncated_moe_keeps_its_checkpoint_form(tiny_moe, tmp_path):
