@@ -105,8 +105,7 @@ def check_recipe(config, recipe) -> None:
         method = get_method(m)
         why = method.refusal(config) if isinstance(method, TransformsModel) else None
         if why:
-            raise BadInput(f"recipe {recipe.name!r}: {m.method} rewrites the checkpoint for Llama-style blocks; "
-                           f"{fam.name} is refused: {why}")
+            raise BadInput(f"recipe {recipe.name!r}: {m.method} cannot rewrite this {fam.name} checkpoint: {why}")
 
 
 def embed_scale(config, model) -> float | None:

@@ -64,6 +64,13 @@ TINY_MOE_ARCHS = {
 }
 
 
+# Every recipe family, a chain included (YAML-free presets; trsp / shortgpt remove one of a tiny model's two
+# blocks), as the architecture tests run them on every family's tiny model.
+RECIPE_FAMILIES = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p50", "nowag-p2:4", "nowag-vq2d4", "wanda-p50",
+                   "trsp-50", "shortgpt-50", "rf8", "fp8-e4m3", "rtn-w4g32-eg", "backslash-l1000-w8gc-s2",
+                   "trsp-50+rtn-w4g32")
+
+
 def make_tiny(arch: str, dest: Path, tokenizer_src: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """A tiny random model of one of TINY_ARCHS or TINY_MOE_ARCHS with the SmolLM2 tokenizer (see make_tiny_llama)."""
     import transformers

@@ -6,7 +6,6 @@ than the sliding windows; a recipe matrix runs through the plain loop (one store
 artifact loads with `squeezeflow.load` and generates; recipes a family cannot take are refused at preflight.
 """
 import json
-import os
 import subprocess
 import sys
 
@@ -18,21 +17,11 @@ from squeezeflow.cli_models import check_model
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.errors import BadInput
 from squeezeflow.store import LocalStore
-from sf_testing import TINY_ARCHS, make_tiny
+from sf_testing import RECIPE_FAMILIES, TINY_ARCHS, make_tiny
 
 ARCHS = tuple(TINY_ARCHS)
 CALIB = CalibrationSpec(n_samples=2, seqlen=32, seed=0)
 EVAL = EvalSpec(seqlen=32, max_windows=1, kl_windows=0)
-# Every recipe family, a chain included (YAML-free presets; trsp / shortgpt remove one of the two blocks).
-FULL_MATRIX = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p50", "nowag-p2:4", "nowag-vq2d4", "wanda-p50",
-               "trsp-50", "shortgpt-50", "rf8", "fp8-e4m3", "rtn-w4g32-eg", "backslash-l1000-w8gc-s2",
-               "trsp-50+rtn-w4g32")
-# On the families whose quirks the statistics and sequential passes see most (sliding windows, biases,
-# Gemma's norms / scale / soft-capping) the whole matrix runs; on the others a subset covering every
-# schedule (per-block, sequential, layer removal + chain, fp8 search) keeps the file's CPU time low.
-# SF_ARCH_MATRIX=full runs the whole matrix on every family (what the README's table was checked with).
-FULL_ON = set(TINY_ARCHS) if os.environ.get("SF_ARCH_MATRIX") == "full" else {"mistral", "qwen2", "gemma3"}
-SUBSET = ("rtn-w4g32", "gptq-w4g32", "trsp-50+rtn-w4g32", "rf8")
 # QUAD/QuaRot rewrite these layouts exactly (Qwen3's q/k norms, Phi3's fused qkv/gate_up, Qwen2's biases);
 # Gemma2/3's output norms do not commute with the residual rotation and are refused at preflight.
 QUAD_OK = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
@@ -128,7 +117,7 @@ def _generates(path) -> None:
     assert torch.isfinite(model(ids).logits).all()
 
 
-MATRIX = [(a, r) for a in ARCHS for r in (FULL_MATRIX if a in FULL_ON else SUBSET)]
+MATRIX = [(a, r) for a in ARCHS for r in RECIPE_FAMILIES]  # every family on every architecture
 # QUAD/QuaRot on every family they support but Llama (tests/unit/test_quad.py runs it there): their transform,
 # role table and packed format are what differs by family, and a tiny run takes seconds.
 MATRIX += [(a, r) for a in ARCHS for r in ("quad-w4a4", "quarot-w4a4") if a in QUAD_OK - {"llama"}]
@@ -157,7 +146,7 @@ def test_recipe_runs_and_artifact_generates(tiny_archs, stores, arch, recipe):
 def test_quad_refused_at_preflight(tiny_archs, arch):
     assert arch in ("gemma2", "gemma3")
     for recipe in ("quad-w4a4", "quarot-w4a4", "quad-w4a4a8-peft"):
-        with pytest.raises(BadInput, match="rewrites the checkpoint for Llama-style blocks; Gemma[23] is refused: "
+        with pytest.raises(BadInput, match="cannot rewrite this Gemma[23] checkpoint: "
                                            "its post-attention/post-feedforward RMSNorms .* does not commute with "
                                            "the residual-stream rotation") as e:
             pipeline.preflight(ModelRef(ref=str(tiny_archs[arch])), recipe, CALIB, EVAL)

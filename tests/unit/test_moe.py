@@ -21,18 +21,12 @@ from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.job import target_linears
 from squeezeflow.models import LayerStream
 from squeezeflow.store import LocalStore
-from sf_testing import TINY_MOE_ARCHS, make_tiny
+from sf_testing import RECIPE_FAMILIES, TINY_MOE_ARCHS, make_tiny
 
 ARCHS = tuple(TINY_MOE_ARCHS)
 CALIB = CalibrationSpec(n_samples=2, seqlen=32, seed=0)
 EVAL = EvalSpec(seqlen=32, max_windows=1, kl_windows=0)
-FULL_MATRIX = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p50", "nowag-p2:4", "nowag-vq2d4", "wanda-p50",
-               "trsp-50", "shortgpt-50", "rf8", "fp8-e4m3", "rtn-w4g32-eg", "backslash-l1000-w8gc-s2",
-               "trsp-50+rtn-w4g32")
-# The whole matrix on Qwen2-MoE (shared expert and its gate, the most to get wrong); on the others a subset
-# covering every schedule: per-block, sequential, layer removal + chain, fp8 search.
-SUBSET = ("rtn-w4g32", "gptq-w4g32", "trsp-50+rtn-w4g32", "rf8")
-MATRIX = [(a, r) for a in ARCHS for r in (FULL_MATRIX if a == "qwen2_moe" else SUBSET)]
+MATRIX = [(a, r) for a in ARCHS for r in RECIPE_FAMILIES]  # every recipe family on every MoE family
 _FAST = {"trsp": {"windows": 2, "seqlen": 32, "steps": 4, "stage2_steps": 4, "batch_size": 2},
          "nowag-vq": {"max_iter": 10}, "backslash": {"windows": 2}}
 

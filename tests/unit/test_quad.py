@@ -151,7 +151,7 @@ def test_phi3_longrope_takes_quarot_and_refuses_quad(smollm_path, tmp_path):
     hf_config = AutoConfig.from_pretrained(src)
     assert get_method(preset("quarot-w4a4").methods[0]).refusal(hf_config) is None
     assert "longrope factors" in get_method(preset("quad-w4a4").methods[0]).refusal(hf_config)
-    with pytest.raises(BadInput, match="Phi3 is refused: transformers checks its longrope factors") as e:
+    with pytest.raises(BadInput, match="cannot rewrite this Phi3 checkpoint: transformers checks its longrope factors") as e:
         pipeline.preflight(ModelRef(ref=str(src)), "quad-w4a4", CALIB, EVAL)
     assert "\n" not in str(e.value)
     transform_checkpoint(src, tmp_path / "quarot", _cov(64), 0, seed=0)
