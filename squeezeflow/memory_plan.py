@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import BadInput
-from .evaluation.streamed import CHUNK_WINDOWS
+from .evaluation.streamed import CHUNK_WINDOWS, KL_BATCH, PPL_BATCH
 from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, safetensors_header
 
 LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
@@ -28,7 +28,6 @@ LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
 # rounded up: what does not grow with the model.
 FIXED_OVERHEAD = 1536 << 20
 HEADROOM = 0.9
-LOGIT_COPIES = 3  # logits, their log-softmax and its gradient-free gather in the perplexity loop (fp32)
 
 
 @dataclass(frozen=True)
@@ -92,16 +91,22 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
     # every window's hidden state; KL streams the base model beside it. Cloze tasks load the model whole.
     ev = job.evaluation
     windows = min(ev.max_windows or CHUNK_WINDOWS, CHUNK_WINDOWS)  # hidden states alive at once
-    logits = LOGIT_COPIES * 4 * ev.seqlen * s.vocab * 4
-    one = 2 * s.block_params * b + s.other_params * b + windows * ev.seqlen * s.hidden * 4 + logits
-    peaks.append(StagePeak("evaluate-fp32", one, "one block, embedding and head, the windows' hidden states"))
+    # A batch's logits and their log-softmax (perplexity), or both models' logits and the fp64 chunks KL
+    # works in (evaluation/kl.py), all fp32 over the vocabulary.
+    ppl_logits = 2 * PPL_BATCH * ev.seqlen * s.vocab * 4
+    kl_logits = 2 * KL_BATCH * ev.seqlen * s.vocab * 4 + 3 * 256 * s.vocab * 8
+    one = 2 * s.block_params * b + s.other_params * b + windows * ev.seqlen * s.hidden * 4
+    peaks.append(StagePeak("evaluate-fp32", one + ppl_logits, "one block, embedding and head, the windows' hidden states"))
     if ev.cloze_items:
-        peaks.append(StagePeak("evaluate", 2 * s.total_params * b + logits,
+        peaks.append(StagePeak("evaluate", 2 * s.total_params * b + ppl_logits,
                                "the whole packed model with its dequantized linears (cloze tasks)"))
+    elif ev.kl_windows:
+        peaks.append(StagePeak("evaluate", 2 * one + max(ppl_logits, kl_logits),
+                               "one block of the packed model and of the base model (KL), embeddings and heads, "
+                               "the windows' hidden states"))
     else:
-        peaks.append(StagePeak("evaluate", 2 * one if ev.kl_windows else one,
-                               "one block of the packed model" + (" and of the base model (KL)" if ev.kl_windows else "")
-                               + ", embeddings and heads, the windows' hidden states"))
+        peaks.append(StagePeak("evaluate", one + ppl_logits, "one block of the packed model, embedding and head, "
+                                                             "the windows' hidden states"))
     return [StagePeak(p.stage, p.bytes + FIXED_OVERHEAD, p.what) for p in peaks]
 
 
