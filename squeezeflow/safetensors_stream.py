@@ -29,7 +29,27 @@ _DTYPES = {
 }
 
 
-class SafetensorsWriter:
+class AllOrNothing:
+    """A writer used as a context: `close()` (publish what was written) on a clean exit, `discard()` (leave
+    nothing behind) when the block raised."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class SafetensorsWriter(AllOrNothing):
     """`with SafetensorsWriter(path, metadata) as w: w.add(name, tensor)`; the file appears on exit,
     complete (written beside it, then renamed), or not at all if the block raised."""
 
@@ -80,20 +100,11 @@ class SafetensorsWriter:
             os.replace(tmp, self.path)
         finally:
             Path(tmp).unlink(missing_ok=True)
-            self._discard()
+            self.discard()
         return self.path
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
         for f, _, _ in self._spools.values():
             f.close()
         self._spools.clear()
         shutil.rmtree(self._spool_dir, ignore_errors=True)
-
-    def __enter__(self) -> "SafetensorsWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._discard()

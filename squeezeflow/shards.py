@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import BadInput
-from .safetensors_stream import SafetensorsWriter
+from .safetensors_stream import AllOrNothing, SafetensorsWriter
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -43,7 +43,7 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i:05d}-of-{n:05d}.safetensors"
 
 
-class ShardedWriter:
+class ShardedWriter(AllOrNothing):
     """`with ShardedWriter(directory, max_bytes, metadata) as w: w.add(name, tensor)`. A tensor larger than
     `max_bytes` gets a shard of its own (as transformers does). Files appear on a clean exit only."""
 
@@ -93,20 +93,11 @@ class ShardedWriter:
         (self.dir / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return files + [self.dir / INDEX]
 
-    def _discard(self) -> None:
+    def discard(self) -> None:
         if self._open is not None:
-            self._open._discard()
+            self._open.discard()
         for tmp, _ in self._done:
             tmp.unlink(missing_ok=True)
-
-    def __enter__(self) -> "ShardedWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._discard()
 
 
 def weight_files(directory: str | os.PathLike) -> list[Path]:

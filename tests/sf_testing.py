@@ -71,6 +71,33 @@ RECIPE_FAMILIES = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p50", "nowag-p
                    "trsp-50+rtn-w4g32")
 
 
+# Iteration counts cut to what a 2-block, 64-wide model needs (the presets' defaults are sized for real models).
+FAST_SETTINGS = {"trsp": {"windows": 2, "seqlen": 32, "steps": 4, "stage2_steps": 4, "batch_size": 2},
+                 "nowag-vq": {"max_iter": 10}, "backslash": {"windows": 2}}
+
+
+def fast_recipe(name: str):
+    """The preset `name` with FAST_SETTINGS applied to its methods."""
+    from squeezeflow.recipes import load_recipe
+
+    recipe = load_recipe(name)
+    return recipe.model_copy(update={"methods": [m.model_copy(update=FAST_SETTINGS.get(m.method, {}))
+                                                 for m in recipe.methods]})
+
+
+def load_and_generate(path):
+    """`squeezeflow.load` the artifact at `path`, greedy-generate 4 tokens, check the logits are finite."""
+    import squeezeflow
+    from transformers import AutoTokenizer
+
+    model = squeezeflow.load(str(path))
+    ids = AutoTokenizer.from_pretrained(path)("The state of the union", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 4
+    assert torch.isfinite(model(ids).logits).all()
+    return model
+
+
 def make_tiny(arch: str, dest: Path, tokenizer_src: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """A tiny random model of one of TINY_ARCHS or TINY_MOE_ARCHS with the SmolLM2 tokenizer (see make_tiny_llama)."""
     import transformers

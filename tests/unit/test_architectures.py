@@ -17,7 +17,7 @@ from squeezeflow.cli_models import check_model
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.errors import BadInput
 from squeezeflow.store import LocalStore
-from sf_testing import RECIPE_FAMILIES, TINY_ARCHS, make_tiny
+from sf_testing import RECIPE_FAMILIES, TINY_ARCHS, fast_recipe, load_and_generate, make_tiny
 
 ARCHS = tuple(TINY_ARCHS)
 CALIB = CalibrationSpec(n_samples=2, seqlen=32, seed=0)
@@ -93,30 +93,6 @@ def test_unknown_layout_refused_in_one_line(tmp_path, smollm_path):
     assert "\n" not in str(e.value)
 
 
-# Iteration counts cut to what a 2-block, 64-wide model needs (the presets' defaults are sized for real models).
-_FAST = {"trsp": {"windows": 2, "seqlen": 32, "steps": 4, "stage2_steps": 4, "batch_size": 2},
-         "nowag-vq": {"max_iter": 10}}
-
-
-def _fast(name: str):
-    from squeezeflow.recipes import load_recipe
-
-    recipe = load_recipe(name)
-    methods = [m.model_copy(update=_FAST.get(m.method, {})) for m in recipe.methods]
-    return recipe.model_copy(update={"methods": methods})
-
-
-def _generates(path) -> None:
-    import squeezeflow
-    from transformers import AutoTokenizer
-
-    model = squeezeflow.load(str(path))
-    ids = AutoTokenizer.from_pretrained(path)("The state of the union", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 4
-    assert torch.isfinite(model(ids).logits).all()
-
-
 MATRIX = [(a, r) for a in ARCHS for r in RECIPE_FAMILIES]  # every family on every architecture
 # QUAD/QuaRot on every family they support but Llama (tests/unit/test_quad.py runs it there): their transform,
 # role table and packed format are what differs by family, and a tiny run takes seconds.
@@ -127,12 +103,12 @@ MATRIX += [("phi3", "quad-w4a4a8-peft4")]   # the PEFT tunes fused qkv/gate_up Q
 @pytest.mark.parametrize("arch,recipe", MATRIX, ids=[f"{a}-{r}" for a, r in MATRIX])
 def test_recipe_runs_and_artifact_generates(tiny_archs, stores, arch, recipe):
     store = stores[arch]
-    job = pipeline.preflight(ModelRef(ref=str(tiny_archs[arch])), _fast(recipe), CALIB, EVAL)
+    job = pipeline.preflight(ModelRef(ref=str(tiny_archs[arch])), fast_recipe(recipe), CALIB, EVAL)
     out = pipeline.run_job(job, store)
     artifact = store.materialize(out["artifact"])
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["lineage"]["model"]["fingerprint"] == job.model.fingerprint
-    _generates(artifact)
+    load_and_generate(artifact)
     if recipe.startswith(("quad", "quarot")):   # every linear of every block packed as QUAD, fused ones included
         from squeezeflow.models import load_model
 

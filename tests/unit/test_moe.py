@@ -21,38 +21,19 @@ from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
 from squeezeflow.job import target_linears
 from squeezeflow.models import LayerStream
 from squeezeflow.store import LocalStore
-from sf_testing import RECIPE_FAMILIES, TINY_MOE_ARCHS, make_tiny
+from sf_testing import RECIPE_FAMILIES, TINY_MOE_ARCHS, fast_recipe, load_and_generate, make_tiny
 
 ARCHS = tuple(TINY_MOE_ARCHS)
 CALIB = CalibrationSpec(n_samples=2, seqlen=32, seed=0)
 EVAL = EvalSpec(seqlen=32, max_windows=1, kl_windows=0)
 MATRIX = [(a, r) for a in ARCHS for r in RECIPE_FAMILIES]  # every recipe family on every MoE family
-_FAST = {"trsp": {"windows": 2, "seqlen": 32, "steps": 4, "stage2_steps": 4, "batch_size": 2},
-         "nowag-vq": {"max_iter": 10}, "backslash": {"windows": 2}}
-
-
-def _fast(name: str):
-    from squeezeflow.recipes import load_recipe
-
-    recipe = load_recipe(name)
-    return recipe.model_copy(update={"methods": [m.model_copy(update=_FAST.get(m.method, {}))
-                                                 for m in recipe.methods]})
-
-
-def _generates(path, packed: bool = False) -> None:
-    import squeezeflow
-    from transformers import AutoTokenizer
-
-    model = squeezeflow.load(str(path))
+def _generates(path, packed: bool = False):
+    model = load_and_generate(path)
     if packed:  # the skeleton was unfused and the packed modules took the experts' linears
         experts = model.model.layers[-1].mlp.experts
         assert isinstance(experts, moe.UnfusedExperts)
         assert not isinstance(experts[3].down_proj, torch.nn.Linear)
         assert isinstance(model.model.layers[-1].mlp.gate.weight, torch.nn.Parameter)
-    ids = AutoTokenizer.from_pretrained(path)("The state of the union", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 4
-    assert torch.isfinite(model(ids).logits).all()
     return model
 
 
@@ -121,7 +102,7 @@ def test_unfused_experts_compute_the_fused_module(tiny_moe):
 @pytest.mark.parametrize("arch,recipe", MATRIX, ids=[f"{a}-{r}" for a, r in MATRIX])
 def test_recipe_runs_and_artifact_generates(tiny_moe, stores, arch, recipe):
     store = stores[arch]
-    job = pipeline.preflight(ModelRef(ref=str(tiny_moe[arch])), _fast(recipe), CALIB, EVAL)
+    job = pipeline.preflight(ModelRef(ref=str(tiny_moe[arch])), fast_recipe(recipe), CALIB, EVAL)
     out = pipeline.run_job(job, store)
     artifact = store.materialize(out["artifact"])
     manifest = json.loads((artifact / "manifest.json").read_text())

@@ -11,6 +11,7 @@ from squeezeflow.evaluation import streamed
 from squeezeflow.evaluation.streamed import CheckpointStream, streamed_kl, streamed_perplexity
 from squeezeflow.models import load_model
 from squeezeflow.store import LocalStore
+from sf_testing import fast_recipe
 
 CALIB = CalibrationSpec(n_samples=2, seqlen=32, seed=0)
 EVAL = EvalSpec(seqlen=32, max_windows=1, kl_windows=0)
@@ -18,8 +19,6 @@ EVAL = EvalSpec(seqlen=32, max_windows=1, kl_windows=0)
 # VQ codebooks, QUAD's expanded + rotated layout, RF8, FP8, exp-Golomb; TRSP's plain shallower checkpoint.
 RECIPES = ("rtn-w4g32", "gptq-w4g32", "gwq-w4g32", "nowag-p2:4", "nowag-p50", "nowag-vq2d4", "quad-w4a4",
            "rf8", "fp8-e4m3", "rtn-w4g32-eg", "trsp-50")
-_FAST = {"trsp": {"windows": 2, "seqlen": 32, "steps": 4, "stage2_steps": 4, "batch_size": 2},
-         "nowag-vq": {"max_iter": 10}}
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +27,7 @@ def store(tmp_path_factory):
 
 
 def _packed(store, model_path, name):
-    from squeezeflow.recipes import load_recipe
-
-    recipe = load_recipe(name)
-    recipe = recipe.model_copy(update={"methods": [m.model_copy(update=_FAST.get(m.method, {}))
-                                                   for m in recipe.methods]})
-    job = pipeline.preflight(ModelRef(ref=str(model_path)), recipe, CALIB, EVAL)
+    job = pipeline.preflight(ModelRef(ref=str(model_path)), fast_recipe(name), CALIB, EVAL)
     return store.materialize(pipeline.compress_to_packed(store, job)[1])
 
 
