@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import BadInput
-from .evaluation.streamed import CHUNK_WINDOWS, KL_BATCH, PPL_BATCH
+from .evaluation.streamed import CHUNK_WINDOWS
 from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, safetensors_header
 
 LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
@@ -91,10 +91,10 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
     # every window's hidden state; KL streams the base model beside it. Cloze tasks load the model whole.
     ev = job.evaluation
     windows = min(ev.max_windows or CHUNK_WINDOWS, CHUNK_WINDOWS)  # hidden states alive at once
-    # A batch's logits and their log-softmax (perplexity), or both models' logits and the fp64 chunks KL
+    # One window's logits and their log-softmax (perplexity), or both models' logits and the fp64 chunks KL
     # works in (evaluation/kl.py), all fp32 over the vocabulary.
-    ppl_logits = 2 * PPL_BATCH * ev.seqlen * s.vocab * 4
-    kl_logits = 2 * KL_BATCH * ev.seqlen * s.vocab * 4 + 3 * 256 * s.vocab * 8
+    ppl_logits = 2 * ev.seqlen * s.vocab * 4
+    kl_logits = 2 * ev.seqlen * s.vocab * 4 + 3 * 256 * s.vocab * 8
     one = 2 * s.block_params * b + s.other_params * b + windows * ev.seqlen * s.hidden * 4
     peaks.append(StagePeak("evaluate-fp32", one + ppl_logits, "one block, embedding and head, the windows' hidden states"))
     if ev.cloze_items:

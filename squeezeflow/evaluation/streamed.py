@@ -74,7 +74,8 @@ class CheckpointStream(LayerStream):
 
     @torch.no_grad()
     def logits_batches(self, windows: torch.Tensor, batch_size: int):
-        """Yield (ids, logits) per batch of windows, the logits as the whole model's forward computes them."""
+        """Yield (ids, logits) per window; the blocks run on batches of `batch_size` windows, as the whole
+        model's forward would."""
         from ..architectures import softcap_logits
 
         windows = windows.to(self.device)
@@ -85,9 +86,8 @@ class CheckpointStream(LayerStream):
         for c in range(0, windows.shape[0], CHUNK_WINDOWS):
             chunk = windows[c:c + CHUNK_WINDOWS]
             hidden = self.final_hidden(chunk, batch_size)
-            for s in range(0, len(hidden), batch_size):
-                h = torch.cat(hidden[s:s + batch_size])
-                yield chunk[s:s + batch_size], softcap_logits(self.config, lm_head(norm(h)))
+            for s, h in enumerate(hidden):  # the head one window at a time: a 128k vocabulary's logits are large
+                yield chunk[s:s + 1], softcap_logits(self.config, lm_head(norm(h)))
 
 
 class WholeModel:
@@ -104,7 +104,9 @@ class WholeModel:
         windows = windows.to(self.device)
         for s in range(0, windows.shape[0], batch_size):
             ids = windows[s:s + batch_size]
-            yield ids, self.net(input_ids=ids, use_cache=False).logits
+            logits = self.net(input_ids=ids, use_cache=False).logits
+            for j in range(ids.shape[0]):  # per window, as CheckpointStream yields them
+                yield ids[j:j + 1], logits[j:j + 1]
 
 
 def streamable(path: Path) -> bool:
