@@ -28,6 +28,7 @@ LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
 # rounded up: what does not grow with the model.
 FIXED_OVERHEAD = 1536 << 20
 HEADROOM = 0.9
+SOLVE_COPIES = 6  # fp64-sized [in, in] matrices a GPTQ-style solve holds at its peak (see stage_peaks)
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,14 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
     if isinstance(method, WeightMethod):
         factor = float(getattr(method, "memory_factor", DEFAULT_FACTOR))
         stats = sum(i * i for i in s.linear_inputs) * stats_b if method.statistics or method.dense_statistics else 0
-        peaks.append(StagePeak("compress", int(s.block_params * b * factor) + stats + acts,
-                               f"one block ×{factor:g} working copies, its XᵀX statistics, the hidden states"))
+        # A method that solves against XᵀX (GPTQ) holds several [in, in] matrices of the widest input at once:
+        # XᵀX, its damped fp32 copy, the permuted copy, the inverse Cholesky factor, and the error report's
+        # fp64 products. Measured on a Llama-3-8B block (down_proj, in = 14336): 14.3 GiB peak.
+        widest = max(s.linear_inputs, default=0)
+        solve = SOLVE_COPIES * widest * widest * 8 if "xtx" in (method.statistics + method.dense_statistics) else 0
+        peaks.append(StagePeak("compress", int(s.block_params * b * factor) + stats + solve + acts,
+                               f"one block ×{factor:g} working copies, its XᵀX statistics"
+                               + (" and the solver's copies" if solve else "") + ", the hidden states"))
     # Evaluation streams (evaluation/streamed.py): a block and its dequantized copy, the embedding and head,
     # every window's hidden state; KL streams the base model beside it. Cloze tasks load the model whole.
     ev = job.evaluation
