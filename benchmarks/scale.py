@@ -31,7 +31,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
     "8b": (4096, 14336, 32, 32, 8, 128256, False),
     "70b": (8192, 28672, 80, 64, 8, 128256, False),
 }
-PER_BLOCK = ("statistics", "compress", "pack")  # stages whose time grows with depth
+PER_BLOCK = ("statistics", "compress-block", "compress-sequential", "pack")  # stages whose time grows with depth
 
 CHILD = r"""
 import json, os, sys, threading, time, tempfile
