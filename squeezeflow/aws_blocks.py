@@ -62,9 +62,24 @@ def apply_args(args: Any) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     ensure_prefect()
-    uri = use(creds or "", store or "")
+    try:
+        uri = use(creds or "", store or "")
+    finally:
+        _flush_prefect_events()
     if uri:
         args.store = uri
+
+
+def _flush_prefect_events() -> None:
+    """Loading a block emits Prefect events from a background worker. A command that then fails fast (a
+    refused secret) exited with them queued, and the worker's "Still processing items" warning landed beside
+    our one error line. Send them now, without that progress note; the worker starts again on the next event."""
+    import logging
+
+    from prefect.events.worker import EventsWorker
+
+    logging.getLogger(EventsWorker.__name__).setLevel(logging.ERROR)
+    EventsWorker.drain_all(timeout=30)
 
 
 def destination_fields() -> dict[str, str]:

@@ -111,7 +111,7 @@ def test_a_wrong_secret_in_the_block_is_refused_by_the_server(blocks, tmp_path):
     p = _cli("registry", "list", "--registry", registry, "--aws-credentials-block", blocks["bad"], cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "denied" in lines[0] and blocks["bad"] in lines[0], p.stderr
+    assert len(lines) == 1 and "denied" in lines[0] and blocks["bad"] in lines[0], repr(p.stderr)
     _no_secret(blocks, p.stdout, p.stderr)
     # The good block on the same command succeeds: the refusal was the secret, not the command.
     ok = _cli("--json", "registry", "list", "--registry", registry, "--aws-credentials-block", blocks["good"],
