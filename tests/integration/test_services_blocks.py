@@ -1,7 +1,11 @@
 """S3 credentials and the shared store from prefect-aws blocks (squeezeflow/aws_blocks.py), end to end:
 real AwsCredentials / S3Bucket blocks saved to a real Prefect server, a real SeaweedFS that enforces
 credentials, and the CLI in a child process whose environment holds no S3 credentials or endpoint at all,
-so the only way it can reach the bucket is through the blocks it names."""
+so the only way it can reach the bucket is through the blocks it names.
+
+The file is named to run after test_services.py: saving a block makes Prefect record its non-secret fields
+(here the embedded server's own access key id) in the session server's events, which the services'
+credential scan (test_credentials_never_leak) is right to flag for anything Squeezeflow itself writes."""
 from __future__ import annotations
 
 import json
