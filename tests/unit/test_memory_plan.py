@@ -1,12 +1,8 @@
-"""The preflight's memory plan: stage peaks from the checkpoint's shapes, refusal with the numbers when the
-largest does not fit the limit (a pod's cgroup limit, stood in for by SQUEEZEFLOW_MEMORY_LIMIT), and an
-estimate that bounds what a real run measures."""
-import json
-import subprocess
-import sys
+"""The preflight's memory plan: stage peaks from the checkpoint's shapes, and refusal with the numbers when the
+largest does not fit the limit (a pod's cgroup limit, stood in for by SQUEEZEFLOW_MEMORY_LIMIT). Whether the
+estimate bounds a measured run is a benchmark (benchmarks/memory_plan_check.py): RSS depends on the machine."""
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from squeezeflow import memory_plan, pipeline
@@ -52,29 +48,3 @@ def test_peaks_follow_the_settings(tiny_model):
     assert peaks(compute=ComputeSpec(dtype="bf16"))["evaluate"] < base["evaluate"]
     assert peaks(evaluation=EVAL.model_copy(update={"kl_windows": 0}))["evaluate"] < base["evaluate"]
     assert peaks(calib=CALIB.model_copy(update={"n_samples": 64}))["compress"] > base["compress"]
-
-
-CHILD = r"""
-import json, resource, sys, tempfile, shutil
-from squeezeflow import memory_plan, pipeline
-from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
-from squeezeflow.models import load_config
-from squeezeflow.store import LocalStore
-job = pipeline.preflight(ModelRef(ref=sys.argv[1]), "gptq-w4g32", CalibrationSpec(n_samples=2, seqlen=32),
-                         EvalSpec(seqlen=32, max_windows=1, kl_windows=1))
-d = tempfile.mkdtemp()
-try:
-    pipeline.run_job(job, LocalStore(d))
-finally:
-    shutil.rmtree(d)
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                  "estimate": memory_plan.plan(job, load_config(job.model.path))["peak"]["bytes"]}))
-"""
-
-
-def test_estimate_bounds_a_measured_run(tiny_model):
-    proc = subprocess.run([sys.executable, "-P", "-c", CHILD, str(tiny_model)], capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["peak"] <= r["estimate"] <= 3 * r["peak"], r
