@@ -57,7 +57,7 @@ def apply_args(args: Any) -> None:
         return
     if store and getattr(args, "store", None):
         raise BadInput("give --store or --store-block, not both")
-    from .services import ensure_prefect
+    from .services import ensure_prefect, flush_prefect_events
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -65,21 +65,10 @@ def apply_args(args: Any) -> None:
     try:
         uri = use(creds or "", store or "")
     finally:
-        _flush_prefect_events()
+        flush_prefect_events()
     if uri:
         args.store = uri
 
-
-def _flush_prefect_events() -> None:
-    """Loading a block emits Prefect events from a background worker. A command that then fails fast (a
-    refused secret) exited with them queued, and the worker's "Still processing items" warning landed beside
-    our one error line. Send them now, without that progress note; the worker starts again on the next event."""
-    import logging
-
-    from prefect.events.worker import EventsWorker
-
-    logging.getLogger(EventsWorker.__name__).setLevel(logging.ERROR)
-    EventsWorker.drain_all(timeout=30)
 
 
 def destination_fields() -> dict[str, str]:

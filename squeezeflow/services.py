@@ -113,6 +113,18 @@ def ensure_prefect(timeout: float = 120.0) -> str:
     return url
 
 
+def flush_prefect_events() -> None:
+    """Send the Prefect events this process has queued (loading a block emits some). A command that then fails
+    fast (a refused secret) exited with them queued, and the events worker's "Still processing items" warning
+    landed beside our one error line. Sent now, without that progress note; the worker restarts on the next event."""
+    import logging
+
+    from prefect.events.worker import EventsWorker
+
+    logging.getLogger(EventsWorker.__name__).setLevel(logging.ERROR)
+    EventsWorker.drain_all(timeout=30)
+
+
 def status() -> dict[str, dict[str, Any]]:
     """What each embedded server is doing. Safe to call when nothing was ever started."""
     out: dict[str, dict[str, Any]] = {}
