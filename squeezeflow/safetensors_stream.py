@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -29,15 +30,17 @@ _DTYPES = {
 }
 
 
-class AllOrNothing:
+class AllOrNothing(ABC):
     """A writer used as a context: `close()` (publish what was written) on a clean exit, `discard()` (leave
     nothing behind) when the block raised."""
 
+    @abstractmethod
     def close(self):
-        raise NotImplementedError
+        """Make what was written appear, complete."""
 
+    @abstractmethod
     def discard(self) -> None:
-        raise NotImplementedError
+        """Remove everything written so far."""
 
     def __enter__(self):
         return self
