@@ -26,6 +26,7 @@ import torch
 from . import moe
 from .checkpoint_check import validate_checkpoint
 from .errors import BadInput
+from .matrix_rows import MatrixRows
 from .fingerprint import FINGERPRINT_FILE, fingerprint_dir, fingerprint_files, prepared_hashes  # noqa: F401
 from .moe_checkpoint import Source, converted
 from .settings import models_dir
@@ -281,15 +282,32 @@ class LayerStream:
 
     # -- forward pieces ------------------------------------------------------------------------
     def embed(self, windows) -> list[torch.Tensor]:
-        """Hidden states [1, T, d] for each window of token ids; the embedding matrix is read once
-        (reading it per window made it the largest transient of a statistics pass)."""
-        emb = self._materialize(torch.nn.Embedding(*self.inner.embed_tokens.weight.shape, device="meta"),
-                                "model.embed_tokens")
-        # Gemma scales the embeddings by √d (in its embedding module or its forward), in the weights' dtype.
-        scale = None if self.embed_scale is None else torch.tensor(self.embed_scale, dtype=emb.weight.dtype,
-                                                                   device=emb.weight.device)
+        """Hidden states [1, T, d] for each window of token ids. Only the rows of the tokens seen are read
+        (matrix_rows.py); a checkpoint that stores the embedding otherwise has it read once, whole."""
         ids = [w.reshape(1, -1).to(self.device) for w in windows]
-        return [emb(i) if scale is None else emb(i) * scale for i in ids]
+        rows = self.matrix_rows("model.embed_tokens.weight")
+        if rows is not None and ids:  # only the rows of the tokens seen, not a 128k vocabulary's whole matrix
+            table, renumbered = rows.gather(torch.cat(ids, 1).reshape(-1), self.dtype, self.device)
+            ids = [r.reshape(1, -1) for r in renumbered.split([i.shape[1] for i in ids])]
+        else:
+            table = self._materialize(torch.nn.Embedding(*self.inner.embed_tokens.weight.shape, device="meta"),
+                                      "model.embed_tokens").weight
+        # Gemma scales the embeddings by √d (in its embedding module or its forward), in the weights' dtype.
+        scale = None if self.embed_scale is None else torch.tensor(self.embed_scale, dtype=table.dtype,
+                                                                   device=table.device)
+        embedded = (torch.nn.functional.embedding(i, table) for i in ids)
+        return [e if scale is None else e * scale for e in embedded]
+
+    def matrix_rows(self, name: str) -> MatrixRows | None:
+        """Row access to checkpoint tensor `name` when it is stored whole under its own name (not an expert
+        of a fused tensor), else None."""
+        where = self._sources.get(name)
+        if where is None or where[1].expert is not None or where[1].key != name:
+            return None
+        try:
+            return MatrixRows(where[0], name)
+        except ValueError:  # not a 2-D float tensor (a quantized embedding): read it whole
+            return None
 
     def block_kwargs(self, hidden: torch.Tensor, layer: torch.nn.Module | int = 0) -> dict:
         """Attention mask and rotary embeddings of decoder block `layer` (module or index) for a batch of

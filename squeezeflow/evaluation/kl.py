@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-# Positions converted to fp64 at a time: 256 x 49,152 x 8 bytes = 100 MB per tensor.
-_CHUNK_POSITIONS = 256
+# Positions converted to fp64 at a time: ~5 fp64 tensors of 32 x V live at once (log_p, log_q, the
+# product's temporaries): 160 MB for a 128k vocabulary.
+_CHUNK_POSITIONS = 32
 
 
 def kl_terms(p_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, int, int]:

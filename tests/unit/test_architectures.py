@@ -127,3 +127,29 @@ def test_quad_refused_at_preflight(tiny_archs, arch):
                                            "the residual-stream rotation") as e:
             pipeline.preflight(ModelRef(ref=str(tiny_archs[arch])), recipe, CALIB, EVAL)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_head_and_embedding_are_the_models_own(tiny_archs, arch, monkeypatch):
+    """Evaluation's head (rows read a slice of the vocabulary at a time, streamed.ChunkedHead) and the row-wise
+    embedding lookup give the model's own modules' values exactly: tied and untied heads, Gemma's √d scale and
+    soft-capped logits. The head is forced onto the read-per-slice path with slices that do not divide V."""
+    from squeezeflow.evaluation import streamed
+    from squeezeflow.models import LayerStream, load_model
+
+    monkeypatch.setattr(streamed, "RESIDENT_HEAD", 0)
+    monkeypatch.setattr(streamed, "VOCAB_ROWS", 5000)
+    model = load_model(tiny_archs[arch])
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    stream = LayerStream(tiny_archs[arch])
+    head = streamed.ChunkedHead(stream)
+    assert head.rows is not None and head.weight is None  # the row reader, not a materialized module
+    with torch.no_grad():
+        embedded = torch.cat(stream.embed(list(ids)))
+        want_emb = model.model.embed_tokens(ids)
+        if stream.embed_scale is not None and not torch.equal(embedded, want_emb):
+            want_emb = want_emb * torch.tensor(stream.embed_scale, dtype=want_emb.dtype)
+        assert torch.equal(embedded, want_emb)
+        h = torch.randn(2, 24, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+        want = architectures.softcap_logits(model.config, model.lm_head(model.model.norm(h)))
+        assert torch.equal(head.logits(head.norm(h)), want)
