@@ -4,11 +4,12 @@ use (the cgroup limit a pod runs under, else the machine's RAM; the GPU's memory
 that will not fit is refused with the numbers before any work, instead of an out-of-memory kill hours in.
 
 What each stage holds at its peak (b = bytes per element of the compute dtype):
-- calibrate: the embedding (b) and the windows' hidden states, inputs and outputs of a block (fp32).
+- calibrate: the calibration tokens' embedding rows (b), the windows' hidden states, inputs and outputs of
+  a block (fp32), and the LM head for gradient statistics.
 - compress (per block): `memory.block_peak_bytes` per block in flight (one at the least), the block's
   statistics (XᵀX per distinct linear input, in the statistics dtype) and the hidden states.
-- evaluate (streamed): one block and its dequantized copy, the embedding and head, every window's hidden
-  state and a batch's logits; twice over with KL (the base model streams beside it). The cloze tasks load
+- evaluate (streamed): one block and its dequantized copy, the head (a slice of it when large), every
+  window's hidden state and 128 positions' logits; twice over with KL (the base model streams beside it). The cloze tasks load
   the packed model whole (its parameters and its dequantized linears in b).
 - a fixed overhead (interpreter, torch, transformers, tokenizer), measured on this project's runs.
 SQUEEZEFLOW_MEMORY_LIMIT (e.g. 16GiB) stands in for the host limit, as a pod's would.
@@ -20,7 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import BadInput
-from .evaluation.streamed import CHUNK_WINDOWS
+from .evaluation.kl import _CHUNK_POSITIONS as KL_POSITIONS
+from .evaluation.streamed import CHUNK_WINDOWS, POSITIONS, RESIDENT_HEAD, VOCAB_ROWS
 from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, safetensors_header
 
 LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
@@ -80,8 +82,17 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
 
     b = COMPUTE_BYTES[job.compute.dtype]
     stats_b = 8 if job.compute.stats_dtype == "fp64" else 4
-    acts = 2 * job.calibration.n_samples * job.calibration.seqlen * s.hidden * 4
-    peaks = [StagePeak("calibrate", s.other_params * b + acts, "embedding and head, the windows' hidden states")]
+    tokens = job.calibration.n_samples * job.calibration.seqlen
+    acts = 2 * tokens * s.hidden * 4
+    method = job.weight_method
+    # The embedding is read by rows (matrix_rows.py): only the calibration tokens'. Gradient statistics (GWQ)
+    # backpropagate through the whole head, which they hold.
+    gradients = any(str(n).startswith("gradients") for n in (getattr(method, "statistics", ()) or ())
+                    + (getattr(method, "dense_statistics", ()) or ()))
+    head = s.vocab * s.hidden * b
+    peaks = [StagePeak("calibrate", tokens * s.hidden * b + acts + (head if gradients else 0),
+                       "the calibration tokens' embedding rows, the windows' hidden states"
+                       + (", the LM head (gradients)" if gradients else ""))]
     method = job.weight_method
     if isinstance(method, WeightMethod):
         factor = float(getattr(method, "memory_factor", DEFAULT_FACTOR))
@@ -94,25 +105,27 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
         peaks.append(StagePeak("compress", int(s.block_params * b * factor) + stats + solve + acts,
                                f"one block ×{factor:g} working copies, its XᵀX statistics"
                                + (" and the solver's copies" if solve else "") + ", the hidden states"))
-    # Evaluation streams (evaluation/streamed.py): a block and its dequantized copy, the embedding and head,
-    # every window's hidden state; KL streams the base model beside it. Cloze tasks load the model whole.
+    # Evaluation streams (evaluation/streamed.py): a block and its dequantized copy, the head (whole up to
+    # RESIDENT_HEAD, else one slice of VOCAB_ROWS rows), every window's hidden state, POSITIONS positions'
+    # logits; KL streams the base model beside it. Cloze tasks load the model whole.
     ev = job.evaluation
     windows = min(ev.max_windows or CHUNK_WINDOWS, CHUNK_WINDOWS)  # hidden states alive at once
-    # One window's logits and their log-softmax (perplexity), or both models' logits and the fp64 chunks KL
-    # works in (evaluation/kl.py), all fp32 over the vocabulary.
-    ppl_logits = 2 * ev.seqlen * s.vocab * 4
-    kl_logits = 2 * ev.seqlen * s.vocab * 4 + 3 * 256 * s.vocab * 8
-    one = 2 * s.block_params * b + s.other_params * b + windows * ev.seqlen * s.hidden * 4
-    peaks.append(StagePeak("evaluate-fp32", one + ppl_logits, "one block, embedding and head, the windows' hidden states"))
+    head_part = head if head <= RESIDENT_HEAD else VOCAB_ROWS * s.hidden * b
+    # One slice's logits and their log-softmax (perplexity), or both models' logits and the fp64 positions KL
+    # works in (evaluation/kl.py: ~5 tensors of KL_POSITIONS × V), all over the vocabulary.
+    ppl_logits = 2 * POSITIONS * s.vocab * 4
+    kl_logits = 2 * POSITIONS * s.vocab * 4 + 5 * KL_POSITIONS * s.vocab * 8
+    one = 2 * s.block_params * b + head_part + windows * ev.seqlen * s.hidden * 4
+    peaks.append(StagePeak("evaluate-fp32", one + ppl_logits, "one block, the head, the windows' hidden states"))
     if ev.cloze_items:
         peaks.append(StagePeak("evaluate", 2 * s.total_params * b + ppl_logits,
                                "the whole packed model with its dequantized linears (cloze tasks)"))
     elif ev.kl_windows:
         peaks.append(StagePeak("evaluate", 2 * one + max(ppl_logits, kl_logits),
-                               "one block of the packed model and of the base model (KL), embeddings and heads, "
+                               "one block of the packed model and of the base model (KL), the heads, "
                                "the windows' hidden states"))
     else:
-        peaks.append(StagePeak("evaluate", one + ppl_logits, "one block of the packed model, embedding and head, "
+        peaks.append(StagePeak("evaluate", one + ppl_logits, "one block of the packed model, the head, "
                                                              "the windows' hidden states"))
     return [StagePeak(p.stage, p.bytes + FIXED_OVERHEAD, p.what) for p in peaks]
 
