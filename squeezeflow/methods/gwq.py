@@ -113,7 +113,8 @@ class GWQ(WeightMethod):
         if score == "magnitude":
             return w.abs()
         seed = int.from_bytes(hashlib.sha256(f"{self.config.seed}:{name}".encode()).digest()[:8], "little")
-        return torch.rand(w.shape, generator=torch.Generator().manual_seed(seed))
+        # Drawn by a host generator on the host (it cannot draw on a device), then moved: the same on every device.
+        return torch.rand(w.shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(w.device)
 
     def compress_linear(self, name, weight, stats):
         cfg = self.config

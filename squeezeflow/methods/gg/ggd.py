@@ -74,7 +74,7 @@ def sample(shape: float, scale: float, size: tuple[int, ...], generator: torch.G
     n = math.prod(size)
     # torch's Gamma sampler takes no generator: draw it through the standard-gamma of a seeded numpy
     # stream derived from the torch generator, so a seed gives the same tensor everywhere.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device="cpu").item())  # host generator, host draw
     rng = np.random.default_rng(seed)
     g = rng.standard_gamma(1.0 / shape, size=n)
     signs = rng.integers(0, 2, size=n) * 2 - 1
@@ -103,7 +103,7 @@ def gg_init_(model: torch.nn.Module, shape: float = 2.0, xi: float = 2.0, seed: 
             if p.dim() == 2:
                 n = p.shape[1] if fan == "fan_in" else p.shape[0]
                 std = math.sqrt(xi / n)
-                p.copy_(sample(shape, scale_from_std(std, shape), tuple(p.shape), gen).to(p.dtype))
+                p.copy_(sample(shape, scale_from_std(std, shape), tuple(p.shape), gen).to(p.device, p.dtype))
             elif name.endswith("bias"):
                 p.zero_()
             elif name.endswith("weight"):

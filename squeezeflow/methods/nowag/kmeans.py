@@ -79,7 +79,7 @@ def matrix_subvectors(w: torch.Tensor, h: torch.Tensor, d: int) -> tuple[torch.T
         h = torch.cat([h.float(), h.new_zeros(pad, dtype=torch.float32)])
     points = w.reshape(out_f * nb, d).contiguous()
     weights = h.float().reshape(nb, d).contiguous()
-    groups = torch.arange(nb, dtype=torch.int64).repeat(out_f)
+    groups = torch.arange(nb, dtype=torch.int64, device=w.device).repeat(out_f)
     return points, weights, groups
 
 
@@ -103,13 +103,14 @@ class _Problem:
         self.sq = (wx * points).sum(1)                       # [N]: Σ w x², the constant term
         self.wx64 = wx.double()                              # centroid update numerators
         self.chunk_bytes = chunk_bytes
-        self._scratch = torch.empty(0)
+        self.device = points.device
+        self._scratch = torch.empty(0, device=self.device)
 
     def scratch(self, rows: int, cols: int) -> torch.Tensor:
         """A reused [rows, cols] fp32 buffer for distance chunks: a fresh allocation of this size would
         be a fresh mmap, and its page faults cost more than the matmul writing into it."""
         if self._scratch.numel() < rows * cols:
-            self._scratch = torch.empty(rows * cols)
+            self._scratch = torch.empty(rows * cols, device=self.device)
         return self._scratch[:rows * cols].view(rows, cols)
 
     @staticmethod
@@ -128,9 +129,9 @@ class _Problem:
         sq = self.sq if rows is None else self.sq[rows]
         n, k = a.shape[0], c.shape[0]
         bt = self.b_t(c)
-        idx = torch.empty(n, dtype=torch.int64)
-        d1 = torch.empty(n)
-        d2 = torch.empty(n) if second else None
+        idx = torch.empty(n, dtype=torch.int64, device=self.device)
+        d1 = torch.empty(n, device=self.device)
+        d2 = torch.empty(n, device=self.device) if second else None
         step = self.chunk_rows(k)
         buf = self.scratch(max(_MIN_ROWS, min(step, n)), k)
         two_level = k % _ARGMIN_GROUP == 0 and k >= 2 * _ARGMIN_GROUP
@@ -140,7 +141,7 @@ class _Problem:
             if m < _MIN_ROWS:
                 ac = torch.cat([ac, ac.new_zeros(_MIN_ROWS - m, ac.shape[1])])
             sc = torch.mm(ac, bt, out=buf[:ac.shape[0]])[:m]
-            r = torch.arange(m)
+            r = torch.arange(m, device=self.device)
             if two_level:
                 # The min of each group of 64 (a fast vectorized amin), the first group holding the
                 # overall min, the first index of it inside that group: the same result as sc.min(1).
@@ -161,7 +162,7 @@ class _Problem:
                         sc[r, i] = math.inf
                         v2 = sc.amin(1)
                     else:
-                        v2 = torch.full((m,), math.inf)
+                        v2 = torch.full((m,), math.inf, device=self.device)
             idx[s:s + m] = i
             d1[s:s + m] = (v + sq[s:s + m]).clamp_(min=0)
             if second:
@@ -173,7 +174,7 @@ class _Problem:
         exclude[n] for point n (-1: none). Only the distance: an amin is far cheaper than an argmin."""
         n, m = self.a.shape[0], c.shape[0]
         bt = self.b_t(c)
-        out = torch.empty(n)
+        out = torch.empty(n, device=self.device)
         step = self.chunk_rows(m)
         buf = self.scratch(max(_MIN_ROWS, min(step, n)), m)
         for s in range(0, n, step):
@@ -198,7 +199,7 @@ class _Problem:
         k, g = old.shape[0], self.weights.shape[0]
         counts = torch.bincount(assign * g + self.groups, minlength=k * g).view(k, g).double()
         sw = counts @ self.weights.double()                                   # [K, d]
-        swx = torch.zeros(k, old.shape[1], dtype=torch.float64).index_add_(0, assign, self.wx64)
+        swx = torch.zeros(k, old.shape[1], dtype=torch.float64, device=self.device).index_add_(0, assign, self.wx64)
         return torch.where(sw > 0, swx / sw.clamp(min=1e-300), old.double()).float()
 
 
@@ -211,7 +212,8 @@ class _Uniforms:
 
     def __call__(self) -> float:
         if not self.buf:
-            self.buf = torch.rand(4096, generator=self.gen, dtype=torch.float64).tolist()[::-1]
+            # Drawn on the host generator's device whatever the compute device: the same stream everywhere.
+            self.buf = torch.rand(4096, generator=self.gen, dtype=torch.float64, device="cpu").tolist()[::-1]
         return self.buf.pop()
 
 
@@ -219,11 +221,14 @@ def _kmeanspp(p: _Problem, k: int, clip: bool, gen: torch.Generator) -> torch.Te
     """Indices of k seed points by (lazily evaluated, exact) D² sampling; see the module docstring."""
     n = p.x.shape[0]
     uniform = _Uniforms(gen)
-    a_np, sq_np = p.a.numpy(), p.sq.numpy()
+    # The acceptance test below is sequential, one proposal at a time: it reads the proposal's row from a
+    # host mirror taken once here (no copy on a CPU run) rather than syncing with the device per proposal.
+    # The refreshes of the min-distances, the heavy part, run on the points' device.
+    a_np, sq_np, x_host = p.a.cpu().numpy(), p.sq.cpu().numpy(), p.x.cpu()
     first = min(int(uniform() * n), n - 1)
     chosen = [first]
     pending = [first]                   # chosen since the last refresh of the min-distances
-    mind = torch.full((n,), math.inf)   # min-distance to the centroids chosen before the refresh
+    mind = torch.full((n,), math.inf, device=p.device)  # min-distance to the centroids chosen before the refresh
     thr = p.sq * _ZERO_REL
     b_pending = np.zeros((0, p.a.shape[1]), dtype=np.float32)
     prob_np = cs = None
@@ -243,7 +248,9 @@ def _kmeanspp(p: _Problem, k: int, clip: bool, gen: torch.Generator) -> torch.Te
             misses = 0
             b_pending = np.zeros((0, p.a.shape[1]), dtype=np.float32)
             prob = mind.clamp(max=1.0) if clip else mind
-            prob_np = prob.numpy().copy()
+            # cumsum + searchsorted on a host copy, once per refresh: the sampling between refreshes is a
+            # sequential loop of scalar look-ups, which a device would answer one sync at a time.
+            prob_np = prob.cpu().numpy().copy()
             cs = np.cumsum(prob_np, dtype=np.float64)
             total = float(cs[-1])
             if not total > 0:
@@ -267,20 +274,21 @@ def _kmeanspp(p: _Problem, k: int, clip: bool, gen: torch.Generator) -> torch.Te
             chosen.append(i)
             pending.append(i)
             prob_np[i] = 0.0
-            c = p.x[i:i + 1]
+            c = x_host[i:i + 1]
             b_pending = np.concatenate([b_pending, p.b_t(c).t().numpy()])
     if len(chosen) < k:
         # Every remaining point is at weighted distance 0 from a centroid (they differ only where the
         # weights are 0): any of them will do; take them in a seeded random order.
         taken = set(chosen)
-        for i in torch.randperm(n, generator=gen).tolist():
+        # The host generator draws on the host (a CPU generator cannot draw on a device): same order everywhere.
+        for i in torch.randperm(n, generator=gen, device="cpu").tolist():
             if len(chosen) == k:
                 break
             if i not in taken:
                 chosen.append(i)
         while len(chosen) < k:
             chosen.append(chosen[len(chosen) % n])
-    return torch.tensor(chosen, dtype=torch.int64)
+    return torch.tensor(chosen, dtype=torch.int64, device=p.device)
 
 
 def _distinct(points: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -290,7 +298,7 @@ def _distinct(points: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
         # Cheap pre-check: more than k distinct row hashes means more than k distinct rows.
         bits = x.view(torch.int32).to(torch.int64)
         mult = torch.tensor([(0x9E3779B97F4A7C15 >> (3 * j)) & 0x7FFFFFFFFFFF | 1 for j in range(x.shape[1])],
-                            dtype=torch.int64)
+                            dtype=torch.int64, device=x.device)
         hashes = (bits * mult).sum(1)
         if torch.unique(hashes).numel() > k:
             return None
@@ -321,14 +329,15 @@ def weighted_kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None =
     points = points.detach().float().contiguous()
     if not torch.isfinite(points).all():
         raise ValueError("points contain NaN or inf")
+    device = points.device              # everything heavy lives where the points are
     if weights is None:
-        weights = torch.ones(1, d)
-    weights = weights.detach().float().reshape(-1, d).contiguous()
+        weights = torch.ones(1, d, device=device)
+    weights = weights.detach().to(device, torch.float32).reshape(-1, d).contiguous()
     if groups is None:
         if weights.shape[0] != 1:
             raise ValueError("groups is required when there is more than one weight vector")
-        groups = torch.zeros(n, dtype=torch.int64)
-    groups = groups.to(torch.int64)
+        groups = torch.zeros(n, dtype=torch.int64, device=device)
+    groups = groups.to(device, torch.int64)
     if groups.shape != (n,) or int(groups.min()) < 0 or int(groups.max()) >= weights.shape[0]:
         raise ValueError(f"groups must be [N] = [{n}] indices into the {weights.shape[0]} weight vectors")
     if not torch.isfinite(weights).all() or (weights < 0).any():
@@ -337,7 +346,7 @@ def weighted_kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None =
     found = _distinct(points, k)
     if found is not None:
         uniq, inverse = found
-        centroids = torch.zeros(k, d)
+        centroids = torch.zeros(k, d, device=device)
         centroids[:uniq.shape[0]] = uniq
         if snap is not None:
             centroids = snap(centroids).float()
@@ -345,7 +354,7 @@ def weighted_kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None =
         return KMeansResult(centroids, inverse.to(torch.int64), 0, True, True)
 
     p = _Problem(points, weights, groups, chunk_bytes)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed))   # a host generator: the same seeding on every device
     c = points[_kmeanspp(p, k, init == "kmeans++-clip", gen)].clone()
     assign, _, d2 = p.nearest(c, second=True)
     lower = d2.sqrt_()                      # ≤ distance from each point to its nearest other centroid
@@ -360,7 +369,7 @@ def weighted_kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None =
         movers = movers[lead[movers].argsort(descending=True, stable=True)]
         n_movers = movers.numel()
         # tail[m]: per group, the farthest move of the movers from the m-th on (all of them: tail[0]).
-        tail = torch.zeros(n_movers + 1, drift.shape[1])
+        tail = torch.zeros(n_movers + 1, drift.shape[1], device=device)
         if n_movers:
             tail[:n_movers] = drift[movers].flip(0).cummax(0).values.flip(0)
         upper_sq = p.exact_dist(new[assign])
@@ -385,13 +394,13 @@ def weighted_kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None =
         movers = movers[:best_m]
         lower = lower_rest.clone()
         if best_m:
-            slot = torch.full((k,), -1, dtype=torch.int64)
-            slot[movers] = torch.arange(best_m)
+            slot = torch.full((k,), -1, dtype=torch.int64, device=device)
+            slot[movers] = torch.arange(best_m, device=device)
             b1 = p.nearest_of(new[movers], slot[assign])
             lower = torch.minimum(b1.sqrt(), lower)
             switch = b1 < upper_sq
         else:
-            switch = torch.zeros(n, dtype=torch.bool)
+            switch = torch.zeros(n, dtype=torch.bool, device=device)
         # Full search where a measured mover is nearer now, or an unmeasured centroid may be.
         rows = (switch | (upper > lower)).nonzero().squeeze(1)
         changed = 0
@@ -421,6 +430,8 @@ def weighted_kmeans(points: torch.Tensor, k: int, weights: torch.Tensor | None =
 def nearest_centroids(points: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor,
                       groups: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Index of each point's nearest centroid under its group's weights (first index on ties)."""
-    p = _Problem(points.detach().float().contiguous(), weights.detach().float().reshape(-1, points.shape[1]),
-                 groups.to(torch.int64), chunk_bytes)
-    return p.nearest(centroids.float())[0]
+    device = points.device
+    p = _Problem(points.detach().float().contiguous(),
+                 weights.detach().to(device, torch.float32).reshape(-1, points.shape[1]),
+                 groups.to(device, torch.int64), chunk_bytes)
+    return p.nearest(centroids.to(device, torch.float32))[0]

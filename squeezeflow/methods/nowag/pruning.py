@@ -84,7 +84,7 @@ def presets_of(config_cls: type[PruneConfig]):
 def topk_mask(score: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool mask of the `keep` largest entries of a 1-D score (ties: earlier position wins)."""
     order = torch.argsort(score, descending=True, stable=True)
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     mask[order[:keep]] = True
     return mask
 
