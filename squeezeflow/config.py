@@ -67,13 +67,15 @@ class EvalSpec(Spec):
 
 
 class ComputeSpec(Spec):
-    """Where and in which precision the stages compute. `device`: auto (CUDA when present, else CPU;
-    SQUEEZEFLOW_DEVICE sets what auto means on a machine), cpu, cuda or cuda:N. `dtype`: the precision
+    """Where and in which precision the stages compute. `device`: auto (one GPU when present, else CPU;
+    SQUEEZEFLOW_DEVICE sets what auto means on a machine), cpu, cuda (every visible GPU: block tasks and a
+    sequential method's calibration forward spread over them) or cuda:N (that GPU alone). `dtype`: the precision
     blocks are loaded and run in (fp32 = what the checkpoint's weights give, today's default).
     `stats_dtype`: the precision statistics accumulate in (fp64: XᵀX in fp32 measurably hurts GPTQ W3)."""
 
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:[0-9]{1,3})?)$",
-                        description="auto (CUDA when present), cpu, cuda or cuda:N")
+                        description="auto (one GPU when present), cpu, cuda (every visible GPU) or "
+                                    "cuda:N (that GPU)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Precision blocks are loaded and run in")
     stats_dtype: Literal["fp64", "fp32"] = Field("fp64", description="Precision statistics accumulate in")
 
