@@ -16,4 +16,9 @@ class PreSpawnNanny(Nanny):
     def __init__(self, *args, pre_spawn_env: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # Nanny.pre_spawn_env: what os.environ gets just before the worker process is spawned.
-        self.pre_spawn_env.update({k: str(v) for k, v in (pre_spawn_env or {}).items()})
+        ours = {k: str(v) for k, v in (pre_spawn_env or {}).items()}
+        self.pre_spawn_env.update(ours)
+        # Nanny.env: what the worker process sets in os.environ once started. Nanny.__init__ built it from
+        # Dask's own pre-spawn defaults (OMP_NUM_THREADS=1): left so, it put 1 back before torch's thread
+        # pool first read it, and every worker computed single-threaded.
+        self.env.update(ours)

@@ -111,19 +111,38 @@ def _same_threads_env() -> dict[str, str]:
     return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
 
 
-def local_cluster_spec(workers: int | None = None, gpus: int | None = None) -> dict[str, Any]:
+def host_cores() -> int:
+    """The cores this process may run on (its CPU affinity, a container's cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _shared_cores_env(workers: int, cores: int | None = None) -> dict[str, str]:
+    """GPU workers split the host's cores: each gets cores ÷ workers intra-op threads (≥ 1), so N workers
+    preparing blocks and copying them to their GPUs do not oversubscribe the CPU N times over. A GPU
+    block's arithmetic runs on its device, where the host thread count changes no result."""
+    n = str(max(1, (cores or host_cores()) // max(1, workers)))
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+
+
+def local_cluster_spec(workers: int | None = None, gpus: int | None = None,
+                       cores: int | None = None) -> dict[str, Any]:
     """`distributed.SpecCluster` kwargs for a temporary cluster on this machine.
 
-    One single-threaded worker process per CUDA device, each seeing only its own device and advertising
-    one GPU resource (block tasks ask for it, so a GPU never runs two blocks at once); without GPUs,
-    DEFAULT_CPU_WORKERS CPU workers. Worker processes are spawned, not forked (Prefect's exit hooks break
-    in forked children), and loopback-only: a local cluster serves nobody else.
+    One worker process per CUDA device running one task at a time, each seeing only its own device,
+    advertising one GPU resource (block tasks ask for it, so a GPU never runs two blocks at once) and
+    using cores ÷ workers intra-op threads (`cores`: default, this process's); without GPUs,
+    DEFAULT_CPU_WORKERS CPU workers with the flow process's thread count (byte-identical blocks). Worker
+    processes are spawned, not forked (Prefect's exit hooks break in forked children), and loopback-only:
+    a local cluster serves nobody else.
     """
     gpus = cuda_device_count() if gpus is None else gpus
     n = workers or gpus or DEFAULT_CPU_WORKERS
     spec = {}
     for i in range(n):
-        env = _same_threads_env()
+        env = _shared_cores_env(n, cores) if gpus else _same_threads_env()
         options: dict[str, Any] = {"nthreads": 1, "host": "127.0.0.1"}
         if gpus:
             # Round-robin when asked for more workers than devices; each still reserves "its" GPU slot.
