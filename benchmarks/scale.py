@@ -30,6 +30,8 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab, tied
     "1b": (2048, 8192, 16, 32, 8, 128256, True),
     "8b": (4096, 14336, 32, 32, 8, 128256, False),
     "70b": (8192, 28672, 80, 64, 8, 128256, False),
+    # The fixed overhead's yardstick (--overhead): 2 blocks 64 wide, the same 128k vocabulary and tokenizer.
+    "tiny": (64, 256, 2, 4, 2, 128256, True),
 }
 PER_BLOCK = ("statistics", "compress-block", "compress-sequential", "pack")  # stages whose time grows with depth
 
@@ -140,50 +142,44 @@ def run_library(model: Path, store: Path, args) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+# Runs the CLI and reports its own children's peak: a fresh parent per run, so runs do not share ru_maxrss.
+_MEASURE = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); " \
+           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)"
+
+
 def run_cli(model: Path, store: Path, args) -> dict:
     cmd = [sys.executable, "-P", "-m", "squeezeflow.cli", "compress", str(model), "--recipe", args.recipe,
            "--calib-samples", str(args.calib), "--seqlen", str(args.seqlen), "--device", args.device,
            "--dtype", args.dtype, "--store", str(store), "--no-publish", "--eval-windows", str(args.eval_windows)]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise SystemExit(p.stderr[-4000:])
-    return {"wall_s": round(wall, 1), "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
+    return {"wall_s": round(wall, 1), "peak_rss_bytes": int(p.stdout.strip().splitlines()[-1])}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    ap.add_argument("--blocks", type=int, help="cut to this many decoder blocks (default: full depth)")
-    ap.add_argument("--recipe", default="rtn-w4g64")
-    ap.add_argument("--calib", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=2)
-    ap.add_argument("--kl-windows", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="bf16")
-    ap.add_argument("--cli", action="store_true", help="run `squeezeflow compress` instead (whole-run peak only)")
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-
-    from squeezeflow.models import prepare_model
-
-    root = Path(tempfile.mkdtemp(prefix="sqf-scale-"))
-    try:
-        info = build(root / "model", args.shape, args.blocks, prepare_model("smollm2-135m").path)
-        run = (run_cli if args.cli else run_library)(root / "model", root / "store", args)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+def measure(shape: str, blocks: int | None, args) -> tuple[dict, dict]:
+    """(the checkpoint's numbers, the run's) for one shape, in a temporary directory removed afterwards."""
+    overhead = None
+    if args.overhead:  # the same run on the 2-block, 64-wide model first: what does not grow with the model
+        _, tiny = measure("tiny", None, args)
+        overhead = tiny["peak_rss_bytes"] if args.cli else max(tiny["peaks"].values())
+    info, run = measure(args.shape, args.blocks, args)
     result = {"shape": args.shape, "recipe": args.recipe, "device": args.device, "dtype": args.dtype,
               "calib": f"{args.calib}x{args.seqlen}", "eval_windows": args.eval_windows, **info, **run,
-              "max_blocks_env": os.environ.get("SQUEEZEFLOW_MAX_BLOCKS")}
+              "max_blocks_env": os.environ.get("SQUEEZEFLOW_MAX_BLOCKS"), "fixed_overhead_bytes": overhead}
     w = info["bf16_bytes"]
     print(f"{args.shape} ({info['params'] / 1e9:.2f} B params, {info['layers']}/{info['full_layers']} blocks, "
           f"bf16 {w / GIB:.2f} GiB), {args.recipe}, {args.device} {args.dtype}")
     if args.cli:
         print(f"CLI flow: {run['wall_s']} s, peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB "
               f"= {run['peak_rss_bytes'] / w:.2f} x bf16 weights")
+    if overhead is not None:
+        peak = run["peak_rss_bytes"] if args.cli else max(run["peaks"].values())
+        result["above_overhead_x_weights"] = round((peak - overhead) / w, 3)
+        print(f"fixed overhead (the same run on the 2-block tiny shape) {overhead / GIB:.2f} GiB; peak above it "
+              f"{(peak - overhead) / GIB:.2f} GiB = {(peak - overhead) / w:.2f} x bf16 weights")
     else:
         scale = info["full_layers"] / info["layers"]
         print(f"{'stage':<16}{'wall s':>9}{'peak RSS GiB':>14}{'written MiB':>13}{'full-depth s':>14}")

@@ -7,7 +7,8 @@ model's 16 blocks held ~7.5× its bf16 weights at the peak. The Prefect caller (
 
 One block's peak = its parameters in the compute dtype × the method's factor (the weights, the method's
 working copies in fp32, its codes and the dequantized weights it reports errors with) + its statistics
-as stored (exact: the refs carry their sizes). SQUEEZEFLOW_MAX_BLOCKS caps the result (≥ 1).
+as stored (exact: the refs carry their sizes). SQUEEZEFLOW_MEMORY_LIMIT (e.g. 4GiB) bounds the memory
+counted as available, and SQUEEZEFLOW_MAX_BLOCKS caps the result (≥ 1).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .errors import BadInput
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS_ENV = "SQUEEZEFLOW_MAX_BLOCKS"
+LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"  # host memory this run may use, as a pod's limit would say
 # A per-block method holds the block's weights (compute dtype), an fp32 working copy of the linear it is
 # compressing and of its dequantized result, and fp64 copies for the error report: ~4 fp32 copies of the
 # largest linear plus the block. 4× the block's bytes covers RTN/GPTQ-style methods; a method may say
@@ -75,7 +77,26 @@ def host_available_bytes() -> int:
                     avail = int(line.split()[1]) * 1024
                     break
     cgroup = _cgroup_bytes()
-    return avail if cgroup is None else min(avail, cgroup)
+    avail = avail if cgroup is None else min(avail, cgroup)
+    limit = env_limit_bytes()
+    if limit is not None:  # what the limit leaves beside this process as it is now
+        import psutil
+
+        avail = min(avail, max(0, limit - psutil.Process().memory_info().rss))
+    return avail
+
+
+def env_limit_bytes() -> int | None:
+    """SQUEEZEFLOW_MEMORY_LIMIT in bytes, or None when unset; BadInput (one line) when it is not a size."""
+    from .shards import parse_size
+
+    raw = os.environ.get(LIMIT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        return parse_size(raw)
+    except BadInput:
+        raise BadInput(f"{LIMIT_ENV}={raw!r} is not a size such as 16GiB or 64GB") from None
 
 
 def available_bytes(device: str = "cpu") -> int:

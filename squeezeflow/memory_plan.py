@@ -23,9 +23,8 @@ from pathlib import Path
 from .errors import BadInput
 from .evaluation.kl import _CHUNK_POSITIONS as KL_POSITIONS
 from .evaluation.streamed import CHUNK_WINDOWS, POSITIONS, RESIDENT_HEAD, VOCAB_ROWS
-from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, safetensors_header
+from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, LIMIT_ENV, safetensors_header
 
-LIMIT_ENV = "SQUEEZEFLOW_MEMORY_LIMIT"
 # The peak RSS of a run on a 2-block, 64-wide model (imports, tokenizer, corpus, allocator workspaces),
 # rounded up: what does not grow with the model.
 FIXED_OVERHEAD = 1536 << 20
@@ -132,15 +131,11 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
 
 def host_limit() -> tuple[int, str]:
     """(bytes this process may use, where the number comes from)."""
-    from .memory import cgroup_limit_bytes
-    from .shards import parse_size
+    from .memory import cgroup_limit_bytes, env_limit_bytes
 
-    raw = os.environ.get(LIMIT_ENV, "").strip()
-    if raw:
-        try:
-            return parse_size(raw), LIMIT_ENV
-        except BadInput:
-            raise BadInput(f"{LIMIT_ENV}={raw!r} is not a size such as 16GiB or 64GB") from None
+    limit = env_limit_bytes()
+    if limit is not None:
+        return limit, LIMIT_ENV
     cgroup = cgroup_limit_bytes()
     if cgroup is not None:
         return cgroup, "the cgroup memory limit"

@@ -97,3 +97,24 @@ def test_planner_counts_blocks_against_memory(tiny_llama, monkeypatch):  # noqa:
     with pytest.raises(BadInput, match="SQUEEZEFLOW_MAX_BLOCKS"):
         memory.max_concurrent_blocks(model, recipe)
     assert 0 < memory.host_available_bytes() < 1 << 50
+
+
+def test_memory_limit_bounds_what_the_fan_out_counts(monkeypatch):
+    """SQUEEZEFLOW_MEMORY_LIMIT stands for a pod's limit in the fan-out's count as in the preflight's plan:
+    what is left under it beside this process, never more than the host has."""
+    import psutil
+
+    from squeezeflow import memory
+    from squeezeflow.errors import BadInput
+
+    monkeypatch.delenv(memory.LIMIT_ENV, raising=False)
+    unbounded = memory.host_available_bytes()
+    rss = psutil.Process().memory_info().rss
+    monkeypatch.setenv(memory.LIMIT_ENV, str(rss + (256 << 20)))
+    left = memory.host_available_bytes()
+    assert left <= 256 << 20 and left > (128 << 20) and left < unbounded  # the process grows a little, not 128 MiB
+    monkeypatch.setenv(memory.LIMIT_ENV, "2MiB")  # below any process: nothing left
+    assert memory.host_available_bytes() == 0
+    monkeypatch.setenv(memory.LIMIT_ENV, "lots")
+    with pytest.raises(BadInput, match="SQUEEZEFLOW_MEMORY_LIMIT='lots' is not a size"):
+        memory.host_available_bytes()
