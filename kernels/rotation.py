@@ -20,7 +20,7 @@ def hadamard(h: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Normalized Sylvester Hadamard matrix of order h (a power of two): H Hᵀ = I."""
     if h < 1 or h & (h - 1):
         raise ValueError(f"Hadamard order must be a power of two, got {h}")
-    H = torch.ones(1, 1, dtype=dtype)
+    H = torch.ones(1, 1, dtype=dtype, device="cpu")   # built and cached on the host; users move it
     while H.shape[0] < h:
         H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
     return (H / math.sqrt(h)).requires_grad_(False)
@@ -37,10 +37,11 @@ def random_factors(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     that stores them in fp32 must fuse the fp32-rounded A into its weights (orthogonal to ~1e-7)."""
     m, _ = split_order(n)
     g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).double() * 2 - 1
-    A = torch.ones(1, 1, dtype=torch.float64)
+    # Drawn on the host (a host generator cannot draw on a device): the same rotation on every device.
+    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.int64, device="cpu").double() * 2 - 1
+    A = torch.ones(1, 1, dtype=torch.float64, device="cpu")
     if m > 1:
-        q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+        q, r = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64, device="cpu"))
         A = (q * torch.sign(torch.diagonal(r))).contiguous()  # the sign fix makes Q Haar-distributed and unique
     return A, signs
 

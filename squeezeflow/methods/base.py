@@ -74,8 +74,8 @@ class TransformsModel(ABC):
     transform_input: ClassVar[Literal["residual_cov", "calibration"]] = "residual_cov"
 
     @abstractmethod
-    def transform(self, src: Path, dst: Path, data: torch.Tensor) -> None:
-        """Write the transformed dense checkpoint of `src` into `dst`."""
+    def transform(self, src: Path, dst: Path, data: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        """Write the transformed dense checkpoint of `src` into `dst`, computing on `device` (the job's)."""
 
     def refusal(self, model_config) -> str | None:
         """None when `transform` can rewrite this model's block layout, else why not (one line; preflight
@@ -91,8 +91,9 @@ class TunesPacked(ABC):
         return True
 
     @abstractmethod
-    def tune(self, src: Path, dst: Path, windows: torch.Tensor) -> dict:
-        """Write a tuned copy of the packed checkpoint `src` into `dst`; returns the training record."""
+    def tune(self, src: Path, dst: Path, windows: torch.Tensor, device: torch.device | str = "cpu") -> dict:
+        """Write a tuned copy of the packed checkpoint `src` into `dst`, training on `device` (the job's);
+        returns the training record."""
 
 
 @dataclass
@@ -101,6 +102,7 @@ class RestructureContext:
 
     windows: torch.Tensor                      # [n, seqlen] token ids
     block_io: Callable[[], list[dict]] | None = None  # per block: {cos, influence, norm_in, ...} (floats)
+    device: torch.device = torch.device("cpu")  # where rounds that run the model compute (the job's device)
 
 
 class LayerRemoval(ABC):

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .. import memo
+from ..compute import device_of, stage_compute
 from ..job import ModelInfo
 from ..methods import get_method
 from ..models import LayerStream
@@ -67,6 +68,10 @@ def tune(store: ArtifactStore, model: ModelInfo, recipe: Recipe, calib: Ref, pac
     """The packed checkpoint after the method's tuning on the calibration windows (QUAD's PEFT)."""
     from ..calibration import CalibrationSet
 
-    key = memo.stage_key("tune", {"packed": packed, "calibration": calib, "method": recipe.methods[0]})
+    inputs = {"packed": packed, "calibration": calib, "method": recipe.methods[0]}
+    if model.compute is not None:   # tuned on another device: another result (the default keeps its key)
+        inputs["compute"] = model.compute.key_form()
+    key = memo.stage_key("tune", inputs)
     return memo.stored_dir(store, key, "packed-model", lambda out: get_method(recipe.methods[0]).tune(
-        store.materialize(packed), out, CalibrationSet.get(store, calib).windows))
+        store.materialize(packed), out, CalibrationSet.get(store, calib).windows,
+        device=device_of(stage_compute(model))))

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .. import memo
+from ..compute import device_of, stage_compute
 from ..config import EvalSpec
 from ..job import ModelInfo
 from ..methods import RestructureContext, get_method
@@ -48,7 +49,8 @@ def _context(store: ArtifactStore, model: ModelInfo, calib: Ref) -> RestructureC
                       trust_remote_code=model.trust_remote_code)["block_io"]
         return [{k: float(v) for k, v in store.get_tensors(b).items()} for b in ref.blocks]
 
-    return RestructureContext(windows=CalibrationSet.get(store, calib).windows, block_io=block_io)
+    return RestructureContext(windows=CalibrationSet.get(store, calib).windows, block_io=block_io,
+                              device=device_of(stage_compute(model)))
 
 
 def structure_round(store: ArtifactStore, model: ModelInfo, config, calib: Ref, k: int, state: dict) -> dict:

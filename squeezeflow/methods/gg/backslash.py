@@ -73,13 +73,16 @@ def parse_preset(name: str) -> list | None:
 
 
 def pooled_shape(weights: list[torch.Tensor]) -> float:
-    """GGD shape ν of all the weights pooled, from fp64 moment sums (no concatenation)."""
+    """GGD shape ν of all the weights pooled, from fp64 moment sums (no concatenation). The sums are
+    accumulated where the weights are, in the same order as Python floats would be (the same bits), and
+    read once: not one device sync per weight per step."""
     n, s1, s2 = 0, 0.0, 0.0
     with torch.no_grad():
         for w in weights:
             n += w.numel()
-            s1 += float(w.detach().abs().sum(dtype=torch.float64))
-            s2 += float(w.detach().pow(2).sum(dtype=torch.float64))
+            s1 = s1 + w.detach().abs().sum(dtype=torch.float64)
+            s2 = s2 + w.detach().pow(2).sum(dtype=torch.float64)
+    s1, s2 = float(s1), float(s2)
     return shape_from_rho(n * s2 / (s1 * s1))
 
 
@@ -90,8 +93,10 @@ def rate(weights: list[torch.Tensor], nu: float, eps: float) -> torch.Tensor:
 
 
 @isolated_rng
-def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashConfig) -> dict:
-    """Write the BackSlash-tuned dense checkpoint of `src` into `dst`; returns the training record."""
+def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashConfig,
+                    device: torch.device | str = "cpu") -> dict:
+    """Write the BackSlash-tuned dense checkpoint of `src` into `dst`, training in fp32 on `device` (the
+    job's; fp32 whatever its dtype: AdamW steps of lr 1e-5 vanish in bf16); returns the training record."""
     from ...models import decoder_linears, load_model
 
     dst.mkdir(parents=True, exist_ok=True)
@@ -101,7 +106,7 @@ def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashC
                 shutil.copyfile(f, dst / f.name)
         return {"steps": 0, "note": "lambda = 0: no rate term, checkpoint copied unchanged"}
     torch.manual_seed(cfg.seed)
-    model = load_model(Path(src), torch.float32)
+    model = load_model(Path(src), torch.float32).to(device)
     model.requires_grad_(False)
     weights = []
     for layer in model.model.layers:
@@ -109,12 +114,13 @@ def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashC
             lin.weight.requires_grad_(True)
             weights.append(lin.weight)
     data = windows[: cfg.windows, : cfg.seqlen]
-    order = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    # A host generator draws on the host (it cannot draw on a device): the same window order everywhere.
+    order = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(cfg.seed), device="cpu")
     opt = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=0.0)
     log = []
     t0 = time.perf_counter()
     for step in range(cfg.steps):
-        ids = data[order[step % data.shape[0]]].unsqueeze(0)
+        ids = data[order[step % data.shape[0]]].unsqueeze(0).to(device)
         nu = pooled_shape(weights)
         out = model(input_ids=ids, labels=ids)
         r = rate(weights, nu, cfg.eps)
@@ -126,6 +132,7 @@ def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashC
                     "nu": round(nu, 4)})
     seconds = time.perf_counter() - t0
     model.requires_grad_(False)
+    model.to("cpu")   # written from host memory (a no-op on CPU)
     model.save_pretrained(dst, safe_serialization=True)
     for f in sorted(Path(src).iterdir()):
         if f.name.startswith(("tokenizer", "special_tokens", "generation_config", "chat_template")):
@@ -150,8 +157,8 @@ class BackSlash(WeightMethod, TransformsModel):
     def check(self, linear_shapes):
         self.coder.check(linear_shapes)
 
-    def transform(self, src: Path, dst: Path, windows: torch.Tensor) -> None:
-        tune_checkpoint(src, dst, windows, self.config)
+    def transform(self, src: Path, dst: Path, windows: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        tune_checkpoint(src, dst, windows, self.config, device)
 
     def compress_linear(self, name, weight, stats) -> CompressedLinear:
         return self.coder.compress_linear(name, weight, stats)

@@ -76,8 +76,9 @@ class ShortGPT(LayerPruneMethod):
 def calibration_nll(model: torch.nn.Module, batches: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token NLL over the batches (all positions labelled)."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for s in range(0, len(batches), batch_size):
-        ids = batches[s:s + batch_size]
+        ids = batches[s:s + batch_size].to(device)   # the windows stay on the host, one batch moves
         n = ids[:, 1:].numel()
         total += float(model(input_ids=ids, labels=ids, use_cache=False).loss) * n
         count += n
@@ -93,7 +94,7 @@ class SLEB(LayerPruneMethod):
 
     def run_round(self, src: Path, k: int, state: dict, ctx: RestructureContext) -> dict:
         started = time.perf_counter()
-        model = load_dense(src)
+        model = load_dense(src, ctx.device)
         gates = gate_model(model)
         for i in state["selected"]:
             gates[i].masked = True

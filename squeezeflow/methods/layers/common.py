@@ -46,11 +46,12 @@ def parse_layer_preset(name: str, method: str) -> tuple[float, str] | None:
     return (int(m.group(1)) / 100, m.group(2) or "") if m else None
 
 
-def load_dense(src: Path) -> torch.nn.Module:
-    """The whole fp32 model for training/scoring (dropout off: eval mode even while training gates)."""
+def load_dense(src: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The whole fp32 model for training/scoring on `device` (dropout off: eval mode even while training
+    gates). fp32 whatever the job's dtype: the gates and stage 2 train with small steps."""
     from ...models import load_model
 
-    return load_model(Path(src), torch.float32)
+    return load_model(Path(src), torch.float32).to(device)
 
 
 def calibration_batches(windows: torch.Tensor, n_windows: int, seqlen: int) -> torch.Tensor:

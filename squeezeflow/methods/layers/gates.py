@@ -27,7 +27,8 @@ class GatedBlock(torch.nn.Module):
     def __init__(self, block: torch.nn.Module) -> None:
         super().__init__()
         self.block = block
-        self.gate = torch.nn.Parameter(torch.ones((), dtype=torch.float32))
+        device = next((p.device for p in block.parameters()), torch.device("cpu"))   # the gate lives with its block
+        self.gate = torch.nn.Parameter(torch.ones((), dtype=torch.float32, device=device))
         self.masked = False
         self.transfer_norm: torch.Tensor | None = None  # mean ‖out − x‖₂ of the last forward (stage 2)
         self.record_transfer = False
@@ -111,6 +112,7 @@ def save_pruned(model: torch.nn.Module, src: Path, dst: Path, removed: list[int]
     (safetensors, no quantization_config), with `src`'s tokenizer files."""
     ungate_model(model)
     delete_layers(model, removed)
+    model.to("cpu")   # a model trained on a device is written from host memory (a no-op on CPU)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst, safe_serialization=True)

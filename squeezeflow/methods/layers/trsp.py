@@ -74,6 +74,17 @@ def _generator(seed: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + k)
 
 
+def _draw(batches: torch.Tensor, batch_size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """`batch_size` windows drawn with the host generator (it cannot draw on a device: the same windows on
+    every device), indexed on the host and moved to the model's device."""
+    idx = torch.randint(len(batches), (batch_size,), generator=gen, device="cpu")
+    return batches[idx].to(device)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def train_gates(model: torch.nn.Module, gates, batches: torch.Tensor, steps: int, batch_size: int, lr: float,
                 lam1: float, gen: torch.Generator) -> list[float]:
     """Stage-1 training of the unmasked gates (block weights frozen); returns the loss per step."""
@@ -84,9 +95,9 @@ def train_gates(model: torch.nn.Module, gates, batches: torch.Tensor, steps: int
         g.gate.requires_grad_(True)
     opt = torch.optim.Adam([g.gate for g in active], lr=lr)
     losses = []
+    device = _device(model)
     for _ in range(steps):
-        idx = torch.randint(len(batches), (batch_size,), generator=gen)
-        loss = lm_loss(model, batches[idx]) + lam1 * sum(g.gate.abs() for g in active)
+        loss = lm_loss(model, _draw(batches, batch_size, gen, device)) + lam1 * sum(g.gate.abs() for g in active)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -112,9 +123,9 @@ def transfer(model: torch.nn.Module, gates, selected: list[int], batches: torch.
             params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
+    device = _device(model)
     for _ in range(steps):
-        idx = torch.randint(len(batches), (batch_size,), generator=gen)
-        lm = lm_loss(model, batches[idx])
+        lm = lm_loss(model, _draw(batches, batch_size, gen, device))
         loss = lm + lam2 * sum(gates[i].transfer_norm for i in selected)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -134,8 +145,8 @@ class TRSP(LayerPruneMethod):
     def rounds(self, num_layers: int) -> int:
         return self.n_remove(num_layers) if self.config.iterative else 1
 
-    def _model(self, src: Path, state: dict):
-        model = load_dense(src)
+    def _model(self, src: Path, state: dict, device: torch.device):
+        model = load_dense(src, device)
         gates = gate_model(model)
         for g, value in zip(gates, state.get("gates") or [1.0] * len(gates)):
             g.gate.data.fill_(value)
@@ -149,7 +160,7 @@ class TRSP(LayerPruneMethod):
         cfg = self.config
         started = time.perf_counter()
         torch.manual_seed(cfg.seed + k)
-        model, gates = self._model(src, state)
+        model, gates = self._model(src, state, ctx.device)
         batches = calibration_batches(ctx.windows, cfg.windows, cfg.seqlen)
         # One-shot selection trains as many steps in its single round as the greedy rounds do in all
         # (equal compute), so the ablation isolates the greedy masking.
@@ -171,7 +182,7 @@ class TRSP(LayerPruneMethod):
         cfg = self.config
         selected = sorted(state["selected"])
         record = {"removed": selected, "selection_order": state["selected"], "rounds": state.get("history", [])}
-        model, gates = self._model(src, {**state, "gates": None, "selected": []})
+        model, gates = self._model(src, {**state, "gates": None, "selected": []}, ctx.device)
         if cfg.stage2_steps > 0:
             started = time.perf_counter()
             torch.manual_seed(cfg.seed + 10_000)

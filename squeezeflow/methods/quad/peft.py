@@ -44,25 +44,27 @@ def _make_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @isolated_rng
-def tune_packed(src: Path, dst: Path, windows: torch.Tensor, steps: int, lr: float, seed: int) -> dict:
-    """Tune the packed QUAD checkpoint `src` into `dst`; returns the training record."""
+def tune_packed(src: Path, dst: Path, windows: torch.Tensor, steps: int, lr: float, seed: int,
+                device: torch.device | str = "cpu") -> dict:
+    """Tune the packed QUAD checkpoint `src` into `dst`, training on `device`; returns the training record."""
     from safetensors.torch import load_file, save
 
     from ...models import load_model
     from ...store import canonical_json, canonical_safetensors
 
     torch.manual_seed(seed)
-    model = load_model(src, torch.float32)
+    model = load_model(src, torch.float32).to(device)
     model.train()
     params = _make_trainable(model)
     if not params:
         raise ValueError(f"{src} has no QUAD layers to tune")
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed))
+    # A host generator draws on the host (it cannot draw on a device): the same window order everywhere.
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed), device="cpu")
     losses = []
     t0 = time.perf_counter()
     for step in range(steps):
-        ids = windows[order[step % len(windows)]].unsqueeze(0)
+        ids = windows[order[step % len(windows)]].unsqueeze(0).to(device)
         loss = model(input_ids=ids, labels=ids).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -78,7 +80,7 @@ def tune_packed(src: Path, dst: Path, windows: torch.Tensor, steps: int, lr: flo
     for key, param in params.items():
         if key not in tensors:   # the task model names modules "model.layers..." like the checkpoint
             raise KeyError(f"tuned tensor {key} is not in {src / 'model.safetensors'}")
-        tensors[key] = param.detach().to(tensors[key].dtype).contiguous()
+        tensors[key] = param.detach().to("cpu", tensors[key].dtype).contiguous()
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "model.safetensors").write_bytes(canonical_safetensors(save(tensors, metadata={"format": "pt"})))
     config = json.loads((src / "config.json").read_text())

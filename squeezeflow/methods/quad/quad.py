@@ -104,16 +104,16 @@ class QUAD(WeightMethod, TransformsModel, TunesPacked):
     def refusal(self, model_config) -> str | None:
         return layout_refusal(model_config, self.resolve(model_config).r)
 
-    def transform(self, src: Path, dst: Path, pooled_cov: torch.Tensor) -> None:
-        transform_checkpoint(src, dst, pooled_cov, self.config.r, self.config.seed)
+    def transform(self, src: Path, dst: Path, pooled_cov: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        transform_checkpoint(src, dst, pooled_cov, self.config.r, self.config.seed, device)
 
     def tunes(self) -> bool:
         return self.config.peft_steps > 0
 
-    def tune(self, src: Path, dst: Path, windows: torch.Tensor) -> dict:
+    def tune(self, src: Path, dst: Path, windows: torch.Tensor, device: torch.device | str = "cpu") -> dict:
         from .peft import tune_packed
 
-        return tune_packed(src, dst, windows, self.config.peft_steps, self.config.peft_lr, self.config.seed)
+        return tune_packed(src, dst, windows, self.config.peft_steps, self.config.peft_lr, self.config.seed, device)
 
     def _rotation(self, name: str, in_features: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         role = linear_role(name)
@@ -130,11 +130,11 @@ class QUAD(WeightMethod, TransformsModel, TunesPacked):
         W, H = weight.double(), stats["xtx"].double()
         rot = self._rotation(name, in_f)
         if rot is not None:
-            R = rotation.dense(*rot)
+            R = rotation.dense(*rot).to(W.device)   # built on the host (seeded factors, cached Hadamard)
             W, H = W @ R, R.T @ H @ R
         keep = None
         if r:
-            keep = torch.zeros(out_f, in_f, dtype=torch.bool)
+            keep = torch.zeros(out_f, in_f, dtype=torch.bool, device=weight.device)
             keep[:, :r] = True
         res = gptq_quantize(W.float(), H.float(), cfg.bits, None, damp=cfg.damp, act_order=cfg.act_order,
                             keep=keep, sym=True, mse_clip=True, keep_absorbs=True)
@@ -144,7 +144,7 @@ class QUAD(WeightMethod, TransformsModel, TunesPacked):
         tensors = {"codes": res.codes[:, r:].contiguous(), "scales": res.scales[:, :1].contiguous(),
                    "w_outlier": res.w_hat[:, :r].half().contiguous()}
         if rot is not None:
-            tensors |= {"rot_a": rot[0], "rot_signs": rot[1]}
+            tensors |= {"rot_a": rot[0].to(weight.device), "rot_signs": rot[1].to(weight.device)}
         metrics = {f"gptq_{k}": v for k, v in res.stats.items() if k != "seconds"}
         return CompressedLinear("quad", params, tensors, metrics=metrics)
 
@@ -154,5 +154,7 @@ class QUAD(WeightMethod, TransformsModel, TunesPacked):
         main = (t["codes"].float() - 2 ** (bits - 1)) * t["scales"].float()
         w = torch.cat([t["w_outlier"].float(), main], 1)
         if c.params["rotate"]:
-            w = (w.double() @ rotation.dense(t["rot_a"], t["rot_signs"]).T).float()
+            # rotation.dense builds on the host (its Hadamard is cached there); the product runs where w is.
+            R = rotation.dense(t["rot_a"].cpu(), t["rot_signs"].cpu()).to(w.device)
+            w = (w.double() @ R.T).float()
         return w

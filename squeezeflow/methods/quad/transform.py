@@ -84,54 +84,61 @@ def outlier_projection(cov: torch.Tensor, r: int) -> torch.Tensor:
     """P [d, r]: the top-r eigenvectors of the covariance (fp64), columns in decreasing eigenvalue order,
     each with its largest-magnitude entry made positive (eigh's signs are arbitrary)."""
     if r == 0:
-        return torch.zeros(cov.shape[0], 0, dtype=torch.float64)
+        return torch.zeros(cov.shape[0], 0, dtype=torch.float64, device=cov.device)
     _, vecs = torch.linalg.eigh(cov.double())
     P = vecs[:, -r:].flip(1)
     idx = P.abs().argmax(0)
-    return P * torch.sign(P[idx, torch.arange(r)])
+    return P * torch.sign(P[idx, torch.arange(r, device=cov.device)])
 
 
 def expansion(cov: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """M = [P, I − PPᵀ] · diag(R_r, R_d) (d × (d + r), fp64) and the rotation factors used."""
-    d = cov.shape[0]
+    """M = [P, I − PPᵀ] · diag(R_r, R_d) (d × (d + r), fp64, on cov's device) and the rotation factors used
+    (host tensors: they come from a seeded host generator, so every device gets the same rotation)."""
+    d, device = cov.shape[0], cov.device
     P = outlier_projection(cov, r)
-    Q = torch.cat([P, torch.eye(d, dtype=torch.float64) - P @ P.T], 1)
+    Q = torch.cat([P, torch.eye(d, dtype=torch.float64, device=device) - P @ P.T], 1)
     a_d, s_d = rotation.random_factors(d, seed)
-    R = torch.zeros(d + r, d + r, dtype=torch.float64)
-    R[r:, r:] = rotation.dense(a_d, s_d)
+    R = torch.zeros(d + r, d + r, dtype=torch.float64, device=device)
+    # Built on the host (the factors and the cached Hadamard live there), then moved.
+    R[r:, r:] = rotation.dense(a_d, s_d).to(device)
     factors = {"main_a": a_d, "main_signs": s_d}
     if r:
         a_r, s_r = rotation.random_factors(r, seed + 1)
-        R[:r, :r] = rotation.dense(a_r, s_r)
+        R[:r, :r] = rotation.dense(a_r, s_r).to(device)
         factors |= {"outlier_a": a_r, "outlier_signs": s_r}
     return Q @ R, factors
 
 
 def transform_state(state: dict[str, torch.Tensor], config: dict, cov: torch.Tensor, r: int,
-                    seed: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """The transformed (state dict, config.json dict). `state` holds fp32 tensors of a supported model."""
+                    seed: int, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """The transformed (state dict, config.json dict). `state` holds fp32 host tensors of a supported model.
+    The fp64 products run on `device` one tensor at a time (M stays there); the result is on the host."""
     d = int(config["hidden_size"])
     if cov.shape != (d, d):
         raise BadInput(f"residual covariance is {tuple(cov.shape)}, the model's hidden size is {d}")
     if not 0 <= r <= d // 8:
         raise BadInput(f"QUAD r = {r} is outside 0..{d // 8} (d / 8 for hidden size {d})")
     n_layers = int(config["num_hidden_layers"])
-    M, _ = expansion(cov, r, seed)
-    out: dict[str, torch.Tensor] = {}
-    lm_head = state.get("lm_head.weight", state["model.embed_tokens.weight"]).double()
-    out["lm_head.weight"] = (lm_head * state["model.norm.weight"].double()) @ M
-    out["model.embed_tokens.weight"] = state["model.embed_tokens.weight"].double() @ M
-    norm_weight = torch.full((d + r,), math.sqrt(d / (d + r)), dtype=torch.float64)
+    M, _ = expansion(cov.to(device), r, seed)
+
+    def dev(t: torch.Tensor) -> torch.Tensor:   # one input tensor at a time on the compute device, in fp64
+        return t.to(device, torch.float64)
+
+    out: dict[str, torch.Tensor] = {}           # on the host: it becomes the whole checkpoint
+    lm_head = dev(state.get("lm_head.weight", state["model.embed_tokens.weight"]))
+    out["lm_head.weight"] = ((lm_head * dev(state["model.norm.weight"])) @ M).cpu()
+    out["model.embed_tokens.weight"] = (dev(state["model.embed_tokens.weight"]) @ M).cpu()
+    norm_weight = torch.full((d + r,), math.sqrt(d / (d + r)), dtype=torch.float64, device="cpu")
     out["model.norm.weight"] = norm_weight
     for i in range(n_layers):
         p = f"model.layers.{i}"
         for norm, readers in NORM_READERS.items():
-            gamma = state[f"{p}.{norm}.weight"].double()
+            gamma = dev(state[f"{p}.{norm}.weight"])
             present = [lin for lin in readers if f"{p}.{lin}.weight" in state]
             if not present:
                 raise BadInput(f"QUAD transform: block {i} has no linear reading {norm} (one of {readers})")
             for lin in present:
-                out[f"{p}.{lin}.weight"] = (state[f"{p}.{lin}.weight"].double() * gamma) @ M
+                out[f"{p}.{lin}.weight"] = ((dev(state[f"{p}.{lin}.weight"]) * gamma) @ M).cpu()
                 if f"{p}.{lin}.bias" in state:
                     out[f"{p}.{lin}.bias"] = state[f"{p}.{lin}.bias"].double()
             out[f"{p}.{norm}.weight"] = norm_weight
@@ -142,9 +149,9 @@ def transform_state(state: dict[str, torch.Tensor], config: dict, cov: torch.Ten
                     if f"{p}.{lin}.{field}" in out:
                         out[f"{p}.{lin}.{field}"] = out[f"{p}.{lin}.{field}"] * math.sqrt(d / (d + r))
         for lin in WRITERS:
-            out[f"{p}.{lin}.weight"] = M.T @ state[f"{p}.{lin}.weight"].double()
+            out[f"{p}.{lin}.weight"] = (M.T @ dev(state[f"{p}.{lin}.weight"])).cpu()
             if f"{p}.{lin}.bias" in state:
-                out[f"{p}.{lin}.bias"] = state[f"{p}.{lin}.bias"].double() @ M
+                out[f"{p}.{lin}.bias"] = (dev(state[f"{p}.{lin}.bias"]) @ M).cpu()
     missing = sorted(set(state) - set(out) - {"lm_head.weight"})
     unknown = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if unknown:
@@ -158,8 +165,10 @@ def transform_state(state: dict[str, torch.Tensor], config: dict, cov: torch.Ten
     return {k: v.float().contiguous() for k, v in sorted(out.items())}, cfg
 
 
-def transform_checkpoint(src: Path, dst: Path, cov: torch.Tensor, r: int, seed: int) -> None:
-    """Write the transformed checkpoint of the HF directory `src` into `dst` (safetensors + config + tokenizer)."""
+def transform_checkpoint(src: Path, dst: Path, cov: torch.Tensor, r: int, seed: int,
+                         device: torch.device | str = "cpu") -> None:
+    """Write the transformed checkpoint of the HF directory `src` into `dst` (safetensors + config + tokenizer);
+    the products run on `device` (transform_state)."""
     import shutil
 
     from safetensors.torch import load_file, save
@@ -171,7 +180,7 @@ def transform_checkpoint(src: Path, dst: Path, cov: torch.Tensor, r: int, seed: 
     for f in safetensors_files(src):
         state.update({k: v.float() for k, v in load_file(f).items()})
     config = json.loads((src / "config.json").read_text())
-    new_state, new_config = transform_state(state, config, cov, r, seed)
+    new_state, new_config = transform_state(state, config, cov, r, seed, device)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "model.safetensors").write_bytes(canonical_safetensors(save(new_state, metadata={"format": "pt"})))
     (dst / "config.json").write_bytes(canonical_json(new_config))
