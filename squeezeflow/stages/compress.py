@@ -6,13 +6,13 @@ through the already-compressed blocks 0..i-1, checkpointing after every block.
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 
-from .. import memo, moe, progress
+from .. import device_pool, memo, moe, progress
 from ..compute import device_of, dtype_of, stage_compute
 from ..errors import BadInput
 from ..job import ModelInfo
@@ -21,6 +21,9 @@ from ..models import LayerStream, decoder_linears
 from ..recipes import Recipe
 from ..stats import StatsRef
 from ..store import ArtifactStore, Ref
+
+log = logging.getLogger(__name__)
+BATCH = 4  # windows per forward batch (LayerStream.forward_block's default, as before the split)
 
 
 def transform(store: ArtifactStore, model: ModelInfo, recipe: Recipe, stats: dict[str, StatsRef],
@@ -122,30 +125,28 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
     if checkpoint is not None:
         state = store.get_json(checkpoint)
         blocks = [Ref(**b) for b in state["blocks"]]
-        hidden = list(store.get_tensors(Ref(**state["hidden"]))["hidden"].to(stream.device).split(1))
+        windows, hidden = None, store.get_tensors(Ref(**state["hidden"]))["hidden"].split(1)
     else:
-        blocks = []
-        with torch.no_grad():
-            hidden = stream.embed(CalibrationSet.get(store, calib).windows)
+        blocks, windows, hidden = [], CalibrationSet.get(store, calib).windows, None
+    split = _split(model, method, stream, windows, hidden)
+
+    def make_collectors() -> list:
+        return [COLLECTORS[name](**_collector_options(model)) for name in method.statistics]
+
     for i in range(len(blocks), stream.num_layers):
-        with torch.no_grad(), stream.block(i) as layer:
+        with torch.no_grad(), stream.block(i) as layer, split.block(i, layer) as layers:
             linears = decoder_linears(layer)
-            collectors = [COLLECTORS[name](**_collector_options(model)) for name in method.statistics]
-            with contextlib.ExitStack() as attached:
-                for c in collectors:
-                    attached.enter_context(c.attach(layer))
-                stream.forward_block(layer, hidden)
+            collectors = split.collect(layers, make_collectors)
             # Dense-model statistics first; the ones collected here, through compressed blocks, win.
             block_stats = {name: _on(store.get_tensors(s.blocks[i]), stream.device) for name, s in stats.items()}
             block_stats.update({c.name: c.result() for c in collectors})
             weights = {k: v.detach().clone() for k, v in layer.state_dict().items()}
             ref, w_hats = compress_weights(store, method, i, weights, list(linears), block_stats)
-            for name, lin in linears.items():
-                lin.weight.copy_(w_hats[name])
-            hidden = stream.forward_block(layer, hidden)
+            split.set_weights(layers, w_hats)
+            split.forward(layers)
         blocks.append(ref)
         progress.report("compress", len(blocks), stream.num_layers)
-        hidden_ref = store.put_tensors({"hidden": torch.cat(hidden).cpu()}, kind="sequential-activations")
+        hidden_ref = store.put_tensors({"hidden": split.hidden()}, kind="sequential-activations")
         previous = store.get_index(key)
         store.put_index(key, store.put_json({"blocks": [b.model_dump() for b in blocks],
                                              "hidden": hidden_ref.model_dump()}, kind="sequential-checkpoint"))
@@ -156,10 +157,46 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
     return blocks
 
 
+def _split(model: ModelInfo, method, stream: LayerStream, windows, hidden):
+    """The calibration windows' hidden states sharded over the job's devices (device_pool.devices_for: every
+    GPU for `--device cuda`), each shard on its device or in host memory as placement.py decides. `hidden`:
+    the checkpoint's [1, T, d] rows to resume from, else `windows` are embedded here."""
+    from .. import placement
+    from ..stats import COLLECTORS
+    from .sequential_devices import Shard, Split, shards, splittable
+
+    compute = stage_compute(model)
+    devices = device_pool.devices_for(compute)
+    if len(devices) > 1 and not splittable(stream.inner.layers[0], [COLLECTORS[n]() for n in method.statistics]):
+        devices = devices[:1]  # an MoE model, or a collector whose sums cannot be merged
+    n = len(windows) if hidden is None else len(hidden)
+    seqlen = int(windows[0].numel() if hidden is None else hidden[0].shape[1]) if n else 0
+    ranges = shards(n, len(devices), BATCH)
+    peak = None
+    parts = []
+    for k, r in enumerate(ranges):
+        s = stream if k == 0 else LayerStream(Path(model.path), model.trust_remote_code, torch.device(devices[k]),
+                                              dtype_of(compute))
+        if peak is None and placement.free_bytes(s.device) is not None:
+            peak = placement.solve_peak_bytes(Path(model.path), stream.config, compute, method)
+        where = placement.plan(s.device, len(r), seqlen, int(stream.config.hidden_size), dtype_of(compute).itemsize,
+                               peak or 0)
+        if where.free_bytes is not None:
+            log.info("%s", where.describe(str(s.device)))
+        home = s.device if where.on_device else torch.device("cpu")
+        with torch.no_grad():
+            h = stream.embed([windows[j] for j in r]) if hidden is None else [hidden[j] for j in r]
+        h = [t.to(home) for t in h]
+        parts.append(Shard(s, [t.pin_memory() for t in h] if where.pin else h, where.on_device, where.pin))
+    return Split(parts, BATCH)
+
+
 def _stream(model: ModelInfo) -> LayerStream:
     """The model's blocks streamed onto the job's device, in its compute dtype."""
     compute = stage_compute(model)
-    return LayerStream(Path(model.path), model.trust_remote_code, device_of(compute), dtype_of(compute))
+    # A block task of a multi-GPU run computes on the device it leased (device_pool.py), else the job's.
+    return LayerStream(Path(model.path), model.trust_remote_code, device_pool.leased(device_of(compute)),
+                       dtype_of(compute))
 
 
 def _on(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
