@@ -1,8 +1,9 @@
 """Lint: the code that runs on the compute device never creates a tensor without naming where. A torch factory
 call (zeros, ones, empty, full, arange, eye, rand*, randperm, linspace, tensor) without `device=` makes a host
 tensor, which on a GPU run is either a silent host<->device copy every step or a device-mismatch error that no
-CPU test can see. The scope grows as modules move to the device (the methods' seeded draws and k-means are
-not in it yet)."""
+CPU test can see. The scope grows as modules move to the device; every method is in it (squeezeflow/methods/,
+k-means included). A seeded draw from a host torch.Generator names device="cpu" (a CPU generator cannot draw on
+a device, and drawing on the host keeps the stream identical on every device) and is then moved."""
 import ast
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2] / "squeezeflow"
 ON_DEVICE = sorted([*(ROOT / "stages").glob("*.py"), *(ROOT / "stats").glob("*.py"), ROOT / "models.py",
                     ROOT / "evaluation" / "streamed.py", ROOT / "evaluation" / "kl.py",
-                    ROOT / "evaluation" / "perplexity.py"])
+                    ROOT / "evaluation" / "perplexity.py", *(ROOT / "methods").rglob("*.py")])
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "eye", "rand", "randn", "randint", "randperm",
              "linspace", "tensor"}
 
