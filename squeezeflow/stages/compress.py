@@ -167,7 +167,7 @@ def _split(model: ModelInfo, method, stream: LayerStream, windows, hidden):
 
     compute = stage_compute(model)
     devices = device_pool.devices_for(compute)
-    if len(devices) > 1 and not splittable(stream.inner.layers[0], [COLLECTORS[n]() for n in method.statistics]):
+    if len(devices) > 1 and not splittable(stream.inner, [COLLECTORS[n]() for n in method.statistics]):
         devices = devices[:1]  # an MoE model, or a collector whose sums cannot be merged
     n = len(windows) if hidden is None else len(hidden)
     seqlen = int(windows[0].numel() if hidden is None else hidden[0].shape[1]) if n else 0

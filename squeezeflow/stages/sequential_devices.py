@@ -12,7 +12,8 @@ so a difference (~1e-16 relative) reaches them only where it straddles an fp32 r
 (tests/unit/test_sequential_devices.py) shows ["cpu", "cpu"] packs the same bytes as ["cpu"] on the tiny
 model and bounds the fp64 sums' difference.
 
-Only collectors that keep `_sums` / `_count` dicts (xtx, hdiag, residual_cov) can be merged; an MoE block
+Only collectors that keep per-linear `_sums` / `_count` dicts (xtx, hdiag, residual_cov) can be merged
+(block_io's single count cannot); an MoE block
 decides its experts' fallback on the whole pass (moe.routed_statistics), so both run on one device.
 
 Activations live where placement.py says, per device: on it, or in (pinned) host memory moved one batch
@@ -46,11 +47,12 @@ def shards(n_windows: int, n_devices: int, batch_size: int) -> list[range]:
     return out
 
 
-def splittable(layer: torch.nn.Module, collectors: list) -> bool:
-    """Whether block `layer`'s statistics pass may be split: no routed experts, only mergeable collectors."""
-    if any(isinstance(m, moe.ExpertMLP) for m in layer.modules()):
+def splittable(model: torch.nn.Module, collectors: list) -> bool:
+    """Whether a model's statistics passes may be split: no routed experts in any block (a model may start
+    with dense blocks), only mergeable collectors."""
+    if any(isinstance(m, moe.ExpertMLP) for m in model.modules()):
         return False
-    return all(all(hasattr(c, a) for a in MERGEABLE) for c in collectors)
+    return all(all(isinstance(getattr(c, a, None), dict) for a in MERGEABLE) for c in collectors)
 
 
 def merge(parts: list) -> object:

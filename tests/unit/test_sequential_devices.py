@@ -9,7 +9,7 @@ import torch
 
 from squeezeflow import device_pool
 from squeezeflow.config import CalibrationSpec, EvalSpec, ModelRef
-from squeezeflow.stages.sequential_devices import forward_windows, merge, shards
+from squeezeflow.stages.sequential_devices import forward_windows, merge, shards, splittable
 from squeezeflow.store import LocalStore
 from sf_testing import packed_sha256
 
@@ -106,3 +106,17 @@ def test_host_placed_forward_equals_the_streams_own(tiny_model):
         ref = stream.forward_block(layer, hidden, 4)
         got = forward_windows(stream, layer, hidden, stream.device, 4, pin=False)
     assert len(got) == 6 and all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_moe_models_and_unmergeable_collectors_stay_on_one_device(tiny_model, smollm_path, tmp_path):
+    from sf_testing import make_tiny
+
+    from squeezeflow.models import LayerStream
+    from squeezeflow.stats import COLLECTORS
+
+    dense = LayerStream(tiny_model).inner
+    assert splittable(dense, [COLLECTORS["xtx"](), COLLECTORS["hdiag"]()])
+    assert not splittable(dense, [COLLECTORS["xtx"](), COLLECTORS["block_io"]()])  # one count, no per-linear sums
+    # Experts decide their fallback on the whole pass (moe.routed_statistics): never split.
+    mixtral = LayerStream(make_tiny("mixtral", tmp_path / "mixtral", smollm_path)).inner
+    assert not splittable(mixtral, [COLLECTORS["xtx"]()])
