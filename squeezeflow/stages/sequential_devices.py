@@ -105,7 +105,8 @@ class Split:
 
     def hidden(self) -> torch.Tensor:
         """Every window's hidden state, in window order, on the host (the checkpoint's form)."""
-        return torch.cat([h for p in self.parts for h in p.hidden]).cpu()
+        # Each shard to the host first: a cat over tensors on different GPUs is refused.
+        return torch.cat([torch.cat(p.hidden).cpu() for p in self.parts if p.hidden])
 
     @contextlib.contextmanager
     def block(self, i: int, layer: torch.nn.Module) -> Iterator[list[torch.nn.Module]]:
