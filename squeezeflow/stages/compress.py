@@ -64,13 +64,15 @@ def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: R
     stream = _stream(model)
     block_stats = {name: _on(store.get_tensors(s.blocks[block]), stream.device) for name, s in stats.items()}
     ref, _ = compress_weights(store, get_method(recipe.methods[0]), block, stream.block_state(block),
-                              list(decoder_linears(stream.inner.layers[block])), block_stats)
+                              list(decoder_linears(stream.inner.layers[block])), block_stats, keep_dequantized=False)
     return ref
 
 
 def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str, torch.Tensor],
-                     linears: list[str], block_stats: dict[str, dict[str, torch.Tensor]]) -> tuple[Ref, dict]:
-    """Compress the named linears of one block; returns the stored block and {linear: weight it computes}."""
+                     linears: list[str], block_stats: dict[str, dict[str, torch.Tensor]],
+                     keep_dequantized: bool = True) -> tuple[Ref, dict]:
+    """Compress the named linears of one block; returns the stored block and {linear: weight it computes}
+    (empty without `keep_dequantized`: a per-block task needs them only for the error report, one at a time)."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     w_hats: dict[str, torch.Tensor] = {}
@@ -78,9 +80,12 @@ def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str
         w = weights[f"{name}.weight"]
         lin_stats = linear_stats(block_stats, name)
         c = method.compress_linear(f"model.layers.{block}.{name}", w, lin_stats)
-        w_hats[name] = method.dequantize(c)
+        w_hat = method.dequantize(c)
         layers[name] = {"format": c.format, "params": c.params, **c.metrics,
-                        **reconstruction_errors(w, w_hats[name], lin_stats.get("hdiag"), lin_stats.get("xtx"))}
+                        **reconstruction_errors(w, w_hat, lin_stats.get("hdiag"), lin_stats.get("xtx"))}
+        if keep_dequantized:
+            w_hats[name] = w_hat
+        del w_hat
         for field, t in c.tensors.items():
             tensors[f"{name}.{field}"] = t.cpu()  # the store writes host memory (a no-op on CPU)
         if f"{name}.bias" in weights:
@@ -215,8 +220,12 @@ def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor 
                           xtx: torch.Tensor | None = None) -> dict:
     """Relative weight error, and the relative output error tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H = XᵀX of the
     calibration inputs when the method collected it, else its diagonal h (Σ h_j ΔW_ij² / Σ h_j W_ij²)."""
-    w, d = w.double(), w.double() - w_hat.double()
-    out = {"weight_rel_err": float((d * d).sum() / (w * w).sum())}
+    # In fp64, holding at most three [out, in] tensors at once (d, w and one product): the values of
+    # `w.double() - w_hat.double()`, without its two extra copies (an 8B down_proj is 470 MB in fp64).
+    d = w.double().sub_(w_hat)
+    squared_error = (d * d).sum()
+    w = w.double()
+    out = {"weight_rel_err": float(squared_error / (w * w).sum())}
     if xtx is not None:
         H = xtx.double()
         out["output_rel_err"] = float(((d @ H) * d).sum() / ((w @ H) * w).sum())
