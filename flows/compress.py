@@ -41,7 +41,7 @@ def compress_flow(model: ModelRef = ModelRef(), recipe: RecipeSpec = "rtn-w4g64"
         calibration: Calibration text and how many windows of it the statistics are collected on.
         evaluation: Held-out perplexity protocol, run on the packed model loaded back from its files.
         destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
-        compute: Device (auto = CUDA when present) and precision the stages compute in.
+        compute: Device (auto = one GPU when present; cuda = every visible GPU) and precision the stages compute in.
     """
     store = destinations.apply_blocks() or default_store_uri()  # first: preflight may read s3://
     started, job = time.perf_counter(), pipeline.preflight(model, recipe, calibration, evaluation, compute,

@@ -38,7 +38,7 @@ def sweep_flow(
         calibration: Calibration text, shared by every recipe (one statistics pass for all of them).
         evaluation: Held-out perplexity protocol, run on each packed model loaded back from its files.
         destinations: Artifact store and S3 registry (empty = the defaults); publish off to skip the registry.
-        compute: Device (auto = CUDA when present) and precision the stages compute in.
+        compute: Device (auto = one GPU when present; cuda = every visible GPU) and precision the stages compute in.
     """
     started, store = time.perf_counter(), destinations.apply_blocks() or default_store_uri()
     jobs = [pipeline.preflight(model, r, calibration, evaluation, compute, destinations.max_shard_size)

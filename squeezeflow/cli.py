@@ -293,7 +293,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", help="largest packed weight file, e.g. 2GB or 500MiB (default 5GB)")
     add_block_flags(p)
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint")
-    p.add_argument("--device", help="auto (default: $SQUEEZEFLOW_DEVICE, else CUDA when present, else cpu), cpu, cuda[:N]")
+    p.add_argument("--device", help="auto (default: $SQUEEZEFLOW_DEVICE, else one GPU when present, else cpu), cpu, cuda (every visible GPU), cuda:N")
     p.add_argument("--dtype", help="compute precision of blocks: fp32 (default), bf16 or fp16")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on stderr (it is shown only when stderr is a terminal anyway)")
