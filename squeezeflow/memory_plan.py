@@ -92,7 +92,6 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
     peaks = [StagePeak("calibrate", tokens * s.hidden * b + acts + (head if gradients else 0),
                        "the calibration tokens' embedding rows, the windows' hidden states"
                        + (", the LM head (gradients)" if gradients else ""))]
-    method = job.weight_method
     if isinstance(method, WeightMethod):
         factor = float(getattr(method, "memory_factor", DEFAULT_FACTOR))
         stats = sum(i * i for i in s.linear_inputs) * stats_b if method.statistics or method.dense_statistics else 0
@@ -104,6 +103,19 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
         peaks.append(StagePeak("compress", int(s.block_params * b * factor) + stats + solve + acts,
                                f"one block ×{factor:g} working copies, its XᵀX statistics"
                                + (" and the solver's copies" if solve else "") + ", the hidden states"))
+    # Layer removal, QUAD's rewrite and the training methods (TRSP, BackSlash, QUAD's PEFT) hold the whole
+    # model in fp32, some of it several times over: they are not streamed, so the plan counts them whole.
+    from .methods import get_method
+
+    for i, name in enumerate(job.recipe.methods[:job.structural]):
+        copies = float(get_method(name).whole_model_fp32_copies)
+        peaks.append(StagePeak(f"restructure-{i}", int(s.total_params * 4 * copies) + acts,
+                               f"the whole model in fp32 ×{copies:g} ({name.method})"))
+    for flag, stage in ((job.transforms, "transform"), (job.tunes, "tune")):
+        if flag:
+            copies = float(method.whole_model_fp32_copies) if stage == "transform" else 4.0
+            peaks.append(StagePeak(stage, int(s.total_params * 4 * copies) + acts,
+                                   f"the whole model in fp32 ×{copies:g} ({stage})"))
     # Evaluation streams (evaluation/streamed.py): a block and its dequantized copy, the head (whole up to
     # RESIDENT_HEAD, else one slice of VOCAB_ROWS rows), every window's hidden state, POSITIONS positions'
     # logits; KL streams the base model beside it. Cloze tasks load the model whole.

@@ -72,6 +72,10 @@ class TransformsModel(ABC):
     the pooled residual covariance of the dense model, or the calibration windows."""
 
     transform_input: ClassVar[Literal["residual_cov", "calibration"]] = "residual_cov"
+    # fp32 copies of the whole model `transform` holds at its peak (the memory plan refuses a job whose
+    # model does not fit): QUAD's fp32 input and fp64 output are 3; training (BackSlash) adds gradients and
+    # AdamW's two moments to the weights, 4.
+    whole_model_fp32_copies: ClassVar[float] = 3.0
 
     @abstractmethod
     def transform(self, src: Path, dst: Path, data: torch.Tensor, device: torch.device | str = "cpu") -> None:
@@ -85,6 +89,8 @@ class TransformsModel(ABC):
 
 class TunesPacked(ABC):
     """Capability: the packed checkpoint is tuned on calibration windows afterwards (QUAD's PEFT)."""
+
+    whole_model_fp32_copies: ClassVar[float] = 4.0  # the model loaded whole in fp32, its gradients, AdamW's moments
 
     def tunes(self) -> bool:
         """Whether this configuration tunes at all (e.g. QUAD only with peft_steps > 0)."""
@@ -115,6 +121,8 @@ class LayerRemoval(ABC):
     # Settings only `finish` reads (TRSP's stage 2): the rounds' cache key ignores them, so ablations that
     # differ only there share the selection rounds.
     finish_only_fields: ClassVar[tuple[str, ...]] = ()
+    # fp32 copies of the whole model a round or `finish` holds at its peak (scoring: 1; TRSP's training: 4).
+    whole_model_fp32_copies: ClassVar[float] = 1.0
 
     def __init__(self, config):
         self.config = config

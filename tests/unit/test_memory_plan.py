@@ -48,3 +48,17 @@ def test_peaks_follow_the_settings(tiny_model):
     assert peaks(compute=ComputeSpec(dtype="bf16"))["evaluate"] < base["evaluate"]
     assert peaks(evaluation=EVAL.model_copy(update={"kl_windows": 0}))["evaluate"] < base["evaluate"]
     assert peaks(calib=CALIB.model_copy(update={"n_samples": 64}))["compress"] > base["compress"]
+
+
+@pytest.mark.parametrize("recipe, stage, copies", [("trsp-50", "restructure-0", 4), ("shortgpt-50", "restructure-0", 1),
+                                                   ("quad-w4a4a8-peft4", "transform", 3), ("quad-w4a4a8-peft4", "tune", 4),
+                                                   ("backslash-l1000-w8gc-s2", "transform", 4)])
+def test_whole_model_stages_are_counted_whole(tiny_model, recipe, stage, copies):
+    """Layer removal, QUAD's rewrite and the training methods are not streamed: the plan counts the whole model
+    in fp32 as many times as the method holds it, so preflight refuses a model they cannot hold."""
+    job = pipeline.preflight(ModelRef(ref=str(tiny_model)), recipe, CALIB, EVAL)
+    s = memory_plan.shapes(tiny_model, load_config(tiny_model))
+    peaks = {p.stage: p for p in memory_plan.stage_peaks(s, job)}
+    assert peaks[stage].bytes >= s.total_params * 4 * copies + memory_plan.FIXED_OVERHEAD
+    assert peaks[stage].bytes < s.total_params * 4 * (copies + 1) + memory_plan.FIXED_OVERHEAD
+    assert f"×{copies}" in peaks[stage].what

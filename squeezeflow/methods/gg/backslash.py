@@ -147,6 +147,7 @@ def tune_checkpoint(src: Path, dst: Path, windows: torch.Tensor, cfg: BackSlashC
 @register(BackSlashConfig, presets=parse_preset, examples=("backslash-l1000-w8gc-s20",))
 class BackSlash(WeightMethod, TransformsModel):
     transform_input = "calibration"     # the transform stage hands over the calibration windows
+    whole_model_fp32_copies = 4.0       # it trains the whole model: weights, gradients, AdamW's two moments
     config: BackSlashConfig
 
     def __init__(self, config: BackSlashConfig):

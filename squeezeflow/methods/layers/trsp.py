@@ -141,6 +141,7 @@ def transfer(model: torch.nn.Module, gates, selected: list[int], batches: torch.
 class TRSP(LayerPruneMethod):
     config: TRSPConfig
     finish_only_fields = ("lambda2", "stage2_steps", "stage2_lr", "stage2_kept_only")  # rounds ignore them
+    whole_model_fp32_copies = 4.0  # it trains the whole model: weights, gradients, AdamW's two moments
 
     def rounds(self, num_layers: int) -> int:
         return self.n_remove(num_layers) if self.config.iterative else 1
