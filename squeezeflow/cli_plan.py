@@ -39,8 +39,11 @@ def cmd_plan(args, specs, print_json) -> int:
         print(safe_text(f"  {r['id']:<{width}}  {state:<7} {key:<28}{after}"))
     for name, m in memory.items():  # what a pod's memory request must cover (the preflight refuses above it)
         peak = m["peak"]
-        print(safe_text(f"memory, {name}: peak ~{peak['bytes'] / 2**30:.1f} GiB at {peak['stage']} ({peak['what']}); "
-                        f"{m['limit_source']} {m['limit_bytes'] / 2**30:.1f} GiB"))
+        need = m.get("device_peak_bytes", peak["bytes"])
+        host = (f"; host ~{m['host_peak_bytes'] / 2**30:.1f} GiB, {m['host_limit_source']} "
+                f"{m['host_limit_bytes'] / 2**30:.1f} GiB" if "host_peak_bytes" in m else "")
+        print(safe_text(f"memory, {name}: peak ~{need / 2**30:.1f} GiB at {peak['stage']} ({peak['what']}); "
+                        f"{m['limit_source']} {m['limit_bytes'] / 2**30:.1f} GiB{host}"))
     return 0
 
 

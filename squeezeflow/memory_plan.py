@@ -163,24 +163,44 @@ def device_limit(device: str) -> tuple[int, str] | None:
     return int(total), f"{device}'s memory"
 
 
+def host_beside_device(s: Shapes, job) -> int:
+    """A CUDA job's host peak: the fixed overhead, one block on its way from the file to the device, the
+    block's statistics (fp32) and the calibration windows' hidden states (fp32) on their way to the store."""
+    stats = sum(i * i for i in s.linear_inputs) * 4
+    acts = job.calibration.n_samples * job.calibration.seqlen * s.hidden * 4
+    return FIXED_OVERHEAD + s.block_params * COMPUTE_BYTES[job.compute.dtype] + stats + acts
+
+
 def plan(job, config) -> dict:
-    """{"stages": [...], "peak": the largest, "limit": bytes, "limit_source": ...} for `squeezeflow plan`."""
-    peaks = stage_peaks(shapes(Path(job.model.path), config), job)
-    limit, source = host_limit()
-    dev = device_limit(job.compute.device)
-    if dev is not None:  # on a GPU the working sets live on the device; the host holds one block's read buffer
-        limit, source = dev
+    """{"stages": [...], "peak": the largest, "limit": bytes, "limit_source": ...} for `squeezeflow plan`. On a
+    GPU the stages' working sets live on the device (the fixed overhead stays on the host), and the host
+    holds what `host_beside_device` counts: both must fit."""
+    s = shapes(Path(job.model.path), config)
+    peaks = stage_peaks(s, job)
     top = max(peaks, key=lambda p: p.bytes)
-    return {"stages": [asdict(p) for p in peaks], "peak": asdict(top), "limit_bytes": limit, "limit_source": source,
-            "fits": top.bytes <= limit * HEADROOM}
+    limit, source = host_limit()
+    out = {"stages": [asdict(p) for p in peaks], "peak": asdict(top), "limit_bytes": limit, "limit_source": source,
+           "fits": top.bytes <= limit * HEADROOM}
+    dev = device_limit(job.compute.device)
+    if dev is not None:
+        host = host_beside_device(s, job)
+        out.update(device_peak_bytes=top.bytes - FIXED_OVERHEAD, host_peak_bytes=host, host_limit_bytes=limit,
+                   host_limit_source=source, limit_bytes=dev[0], limit_source=dev[1],
+                   fits=top.bytes - FIXED_OVERHEAD <= dev[0] * HEADROOM, host_fits=host <= limit * HEADROOM)
+    return out
 
 
 def check(job, config) -> dict:
     """The plan, or BadInput (one line, with the numbers) when its largest stage does not fit."""
     p = plan(job, config)
+    if not p.get("host_fits", True):
+        raise BadInput(f"{job.model.name} with {job.recipe.name} needs ~{p['host_peak_bytes'] / 2**30:.1f} GiB of host "
+                       f"memory beside the GPU (a block, its statistics, the hidden states) but "
+                       f"{p['host_limit_source']} is {p['host_limit_bytes'] / 2**30:.1f} GiB")
     if not p["fits"]:
         top = p["peak"]
-        raise BadInput(f"{job.model.name} with {job.recipe.name} needs ~{top['bytes'] / 2**30:.1f} GiB at the "
+        need = p.get("device_peak_bytes", top["bytes"])
+        raise BadInput(f"{job.model.name} with {job.recipe.name} needs ~{need / 2**30:.1f} GiB at the "
                        f"{top['stage']} stage ({top['what']}, {job.compute.dtype}) but {p['limit_source']} is "
                        f"{p['limit_bytes'] / 2**30:.1f} GiB; use a larger machine, --dtype bf16, fewer calibration "
                        f"windows or fewer KL windows in the evaluation")

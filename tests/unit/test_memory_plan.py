@@ -62,3 +62,24 @@ def test_whole_model_stages_are_counted_whole(tiny_model, recipe, stage, copies)
     assert peaks[stage].bytes >= s.total_params * 4 * copies + memory_plan.FIXED_OVERHEAD
     assert peaks[stage].bytes < s.total_params * 4 * (copies + 1) + memory_plan.FIXED_OVERHEAD
     assert f"×{copies}" in peaks[stage].what
+
+
+def test_a_gpu_job_is_planned_on_the_device_and_the_host(tiny_model, monkeypatch):
+    """On a GPU the working sets are checked against the device's memory (without the host's fixed
+    overhead) and the host's share (a block, its statistics, the hidden states) against the host limit."""
+    job = pipeline.preflight(ModelRef(ref=str(tiny_model)), "gptq-w4g32", CALIB, EVAL)
+    gpu = job.model_copy(update={"model": job.model.model_copy(update={"compute": ComputeSpec(device="cuda:0", dtype="bf16")})})
+    config = load_config(tiny_model)
+    monkeypatch.setattr(memory_plan, "device_limit", lambda device: (80 << 30, f"{device}'s memory"))
+    monkeypatch.setenv(memory_plan.LIMIT_ENV, "64GiB")
+    p = memory_plan.check(gpu, config)
+    assert p["limit_source"] == "cuda:0's memory" and p["host_limit_source"] == memory_plan.LIMIT_ENV
+    assert p["device_peak_bytes"] == p["peak"]["bytes"] - memory_plan.FIXED_OVERHEAD
+    assert memory_plan.FIXED_OVERHEAD < p["host_peak_bytes"] < memory_plan.FIXED_OVERHEAD + (64 << 20)
+    monkeypatch.setattr(memory_plan, "device_limit", lambda device: (1 << 20, f"{device}'s memory"))
+    with pytest.raises(BadInput, match=r"GiB at the \w+ stage .* cuda:0's memory is 0\.0 GiB"):
+        memory_plan.check(gpu, config)
+    monkeypatch.setattr(memory_plan, "device_limit", lambda device: (80 << 30, f"{device}'s memory"))
+    monkeypatch.setenv(memory_plan.LIMIT_ENV, "1GiB")
+    with pytest.raises(BadInput, match=r"GiB of host memory beside the GPU .* SQUEEZEFLOW_MEMORY_LIMIT is 1\.0 GiB"):
+        memory_plan.check(gpu, config)
