@@ -150,7 +150,7 @@ _MEASURE = "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); 
 def run_cli(model: Path, store: Path, args) -> dict:
     cmd = [sys.executable, "-P", "-m", "squeezeflow.cli", "compress", str(model), "--recipe", args.recipe,
            "--calib-samples", str(args.calib), "--seqlen", str(args.seqlen), "--device", args.device,
-           "--dtype", args.dtype, "--store", str(store), "--no-publish", "--eval-windows", str(args.eval_windows)]
+           "--dtype", args.dtype, "--store", str(store), "--no-publish", "--eval-windows", str(args.eval_windows)]  # KL: the CLI's default (on)
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -161,6 +161,56 @@ def run_cli(model: Path, store: Path, args) -> dict:
 
 def measure(shape: str, blocks: int | None, args) -> tuple[dict, dict]:
     """(the checkpoint's numbers, the run's) for one shape, in a temporary directory removed afterwards."""
+    from squeezeflow.models import prepare_model
+
+    root = Path(tempfile.mkdtemp(prefix="sqf-scale-"))
+    try:
+        info = build(root / "model", shape, blocks, prepare_model("smollm2-135m").path)
+        if args.plan_only:
+            return info, {"gpu_projection": gpu_projection(root / "model", args)}
+        return info, (run_cli if args.cli else run_library)(root / "model", root / "store", args)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def gpu_projection(model: Path, args) -> dict:
+    """The memory plan of this job on one GPU in bf16 (no GPU needed: the plan reads shapes and settings):
+    the device's peak, the host's share beside it, and the stage it comes from."""
+    from squeezeflow import memory_plan, pipeline
+    from squeezeflow.config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
+    from squeezeflow.models import load_config
+
+    # This machine's RAM is not the question: plan as if the host had room (the GPU job's host share is below).
+    os.environ[memory_plan.LIMIT_ENV] = "1024TiB"
+    job = pipeline.preflight(ModelRef(ref=str(model)), args.recipe, CalibrationSpec(n_samples=args.calib, seqlen=args.seqlen),
+                             EvalSpec(seqlen=args.seqlen, max_windows=args.eval_windows, kl_windows=args.kl_windows),
+                             ComputeSpec(device="cpu", dtype="bf16"))
+    gpu = job.model_copy(update={"model": job.model.model_copy(update={"compute": ComputeSpec(device="cuda:0", dtype="bf16")})})
+    s = memory_plan.shapes(model, load_config(model))
+    top = max(memory_plan.stage_peaks(s, gpu), key=lambda p: p.bytes)
+    return {"device_peak_bytes": top.bytes - memory_plan.FIXED_OVERHEAD, "device_stage": top.stage,
+            "host_peak_bytes": memory_plan.host_beside_device(s, gpu)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--blocks", type=int, help="cut to this many decoder blocks (default: full depth)")
+    ap.add_argument("--recipe", default="rtn-w4g64")
+    ap.add_argument("--calib", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=2)
+    ap.add_argument("--kl-windows", type=int, default=2, help="KL windows per split (library runs; the CLI keeps its default, on)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--cli", action="store_true", help="run `squeezeflow compress` instead (whole-run peak only)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="first run the same job on the 2-block tiny shape and report the peak above it")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="run nothing: print the memory plan of the job on one GPU in bf16 (device and host peaks)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
     overhead = None
     if args.overhead:  # the same run on the 2-block, 64-wide model first: what does not grow with the model
         _, tiny = measure("tiny", None, args)
@@ -172,15 +222,20 @@ def measure(shape: str, blocks: int | None, args) -> tuple[dict, dict]:
     w = info["bf16_bytes"]
     print(f"{args.shape} ({info['params'] / 1e9:.2f} B params, {info['layers']}/{info['full_layers']} blocks, "
           f"bf16 {w / GIB:.2f} GiB), {args.recipe}, {args.device} {args.dtype}")
-    if args.cli:
+    if args.plan_only:
+        g = run["gpu_projection"]
+        print(f"on one GPU, bf16, per the memory plan: device peak {g['device_peak_bytes'] / GIB:.2f} GiB "
+              f"({g['device_stage']}), host beside it {g['host_peak_bytes'] / GIB:.2f} GiB; one block at a time, so "
+              f"the same at full depth ({info['full_layers']} blocks)")
+    elif args.cli:
         print(f"CLI flow: {run['wall_s']} s, peak RSS {run['peak_rss_bytes'] / GIB:.2f} GiB "
               f"= {run['peak_rss_bytes'] / w:.2f} x bf16 weights")
-    if overhead is not None:
+    if overhead is not None and not args.plan_only:
         peak = run["peak_rss_bytes"] if args.cli else max(run["peaks"].values())
         result["above_overhead_x_weights"] = round((peak - overhead) / w, 3)
         print(f"fixed overhead (the same run on the 2-block tiny shape) {overhead / GIB:.2f} GiB; peak above it "
               f"{(peak - overhead) / GIB:.2f} GiB = {(peak - overhead) / w:.2f} x bf16 weights")
-    else:
+    elif not args.cli and not args.plan_only:
         scale = info["full_layers"] / info["layers"]
         print(f"{'stage':<16}{'wall s':>9}{'peak RSS GiB':>14}{'written MiB':>13}{'full-depth s':>14}")
         for stage, t in run["times"].items():
