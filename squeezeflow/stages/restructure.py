@@ -46,7 +46,7 @@ def _context(store: ArtifactStore, model: ModelInfo, calib: Ref) -> RestructureC
         from ..stats import collect
 
         ref = collect(store, Path(model.path), model.fingerprint, calib, ["block_io"],
-                      trust_remote_code=model.trust_remote_code)["block_io"]
+                      trust_remote_code=model.trust_remote_code, compute=model.compute)["block_io"]
         return [{k: float(v) for k, v in store.get_tensors(b).items()} for b in ref.blocks]
 
     return RestructureContext(windows=CalibrationSet.get(store, calib).windows, block_io=block_io,
