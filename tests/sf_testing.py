@@ -1,6 +1,7 @@
 """Plain helpers shared by the test suite (not fixtures): tiny models and environment snapshots."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -148,6 +149,26 @@ def packed_sha256(store, model_path, recipe: str, calibration, evaluation) -> st
     job = pipeline.preflight(ModelRef(ref=str(model_path)), recipe, calibration, evaluation)
     _, packed = pipeline.compress_to_packed(store, job)
     return store.get_tree(packed)["model.safetensors"].sha256
+
+
+def packed_summary(path) -> dict:
+    """{"layout": sha256 of a safetensors file's header without offsets, "norms": {tensor: [L1, L2²]}}: what
+    pins hold for results that follow the CPU's float kernels (tests/unit/test_packed_pins.py)."""
+    import hashlib
+    import struct
+
+    from safetensors import safe_open
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    layout = {k: v if k == "__metadata__" else [v["dtype"], v["shape"]] for k, v in header.items()}
+    norms = {}
+    with safe_open(path, "pt") as st:
+        for k in sorted(st.keys()):
+            t = st.get_tensor(k).double()
+            norms[k] = [float(t.abs().sum()), float((t * t).sum())]
+    return {"layout": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest(), "norms": norms}
 
 
 def run_stages(store, job, base: bool = True) -> dict:

@@ -8,16 +8,11 @@ same code gives other bytes on another instruction set (measured: AVX512 vs AVX2
 4e-6 relative, in 268k of 3.2M weights). Its pins are therefore the packed file's layout (names, shapes,
 dtypes, metadata: exact) and each tensor's L1 and L2 norms (within 1e-6 relative: AVX2 and AVX512 agree within
 2e-9, far below any change of method), plus byte identity of two runs on the same machine."""
-import hashlib
-import json
-import struct
-
 import pytest
-from safetensors import safe_open
 
 from squeezeflow.config import CalibrationSpec, EvalSpec
 from squeezeflow.store import LocalStore
-from sf_testing import packed_sha256
+from sf_testing import packed_sha256, packed_summary
 
 CALIB = CalibrationSpec(n_samples=4, seqlen=64, seed=0)
 EVAL = EvalSpec(seqlen=32, max_windows=2)
@@ -94,20 +89,6 @@ PINNED_TRAINED = {  # recorded on an AMD EPYC (AVX512); AVX2 on the same machine
 }
 
 
-def trained_summary(path) -> dict:
-    """{"layout": sha256 of the header without offsets, "norms": {tensor: [L1, L2²]}} of a packed file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    layout = {k: v if k == "__metadata__" else [v["dtype"], v["shape"]] for k, v in header.items()}
-    norms = {}
-    with safe_open(path, "pt") as st:
-        for k in sorted(st.keys()):
-            t = st.get_tensor(k).double()
-            norms[k] = [float(t.abs().sum()), float((t * t).sum())]
-    return {"layout": hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest(), "norms": norms}
-
-
 @pytest.mark.parametrize("recipe", TRAINED)
 def test_trained_packings_keep_their_layout_and_norms(recipe, tiny_model, store, tmp_path):
     from squeezeflow.config import ModelRef
@@ -115,7 +96,7 @@ def test_trained_packings_keep_their_layout_and_norms(recipe, tiny_model, store,
 
     job = pipeline.preflight(ModelRef(ref=str(tiny_model)), recipe, CALIB, EVAL)
     _, packed = pipeline.compress_to_packed(store, job)
-    got = trained_summary(store.materialize(packed) / "model.safetensors")
+    got = packed_summary(store.materialize(packed) / "model.safetensors")
     want = PINNED_TRAINED[recipe]
     assert got["layout"] == want["layout"] and sorted(got["norms"]) == sorted(want["norms"])
     for k, (l1, l2) in want["norms"].items():
