@@ -76,11 +76,27 @@ class StagePeak:
     what: str
 
 
+def compress_peak(s: Shapes, method, compute, acts: int = 0) -> StagePeak:
+    """One block's compress peak (without the fixed overhead): the block × the method's working copies, its
+    XᵀX statistics, the solver's copies and `acts` bytes of hidden states. placement.py asks it too."""
+    b = COMPUTE_BYTES[compute.dtype]
+    stats_b = 8 if compute.stats_dtype == "fp64" else 4
+    factor = float(getattr(method, "memory_factor", DEFAULT_FACTOR))
+    stats = sum(i * i for i in s.linear_inputs) * stats_b if method.statistics or method.dense_statistics else 0
+    # A method that solves against XᵀX (GPTQ) holds several [in, in] matrices of the widest input at once:
+    # XᵀX, its damped fp32 copy, the permuted copy, the inverse Cholesky factor, and the error report's
+    # fp64 products. Measured on a Llama-3-8B block (down_proj, in = 14336): 14.3 GiB peak.
+    widest = max(s.linear_inputs, default=0)
+    solve = SOLVE_COPIES * widest * widest * 8 if "xtx" in (method.statistics + method.dense_statistics) else 0
+    return StagePeak("compress", int(s.block_params * b * factor) + stats + solve + acts,
+                     f"one block ×{factor:g} working copies, its XᵀX statistics"
+                     + (" and the solver's copies" if solve else "") + ", the hidden states")
+
+
 def stage_peaks(s: Shapes, job) -> list[StagePeak]:
     from .methods.base import WeightMethod
 
     b = COMPUTE_BYTES[job.compute.dtype]
-    stats_b = 8 if job.compute.stats_dtype == "fp64" else 4
     tokens = job.calibration.n_samples * job.calibration.seqlen
     acts = 2 * tokens * s.hidden * 4
     method = job.weight_method
@@ -93,16 +109,7 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
                        "the calibration tokens' embedding rows, the windows' hidden states"
                        + (", the LM head (gradients)" if gradients else ""))]
     if isinstance(method, WeightMethod):
-        factor = float(getattr(method, "memory_factor", DEFAULT_FACTOR))
-        stats = sum(i * i for i in s.linear_inputs) * stats_b if method.statistics or method.dense_statistics else 0
-        # A method that solves against XᵀX (GPTQ) holds several [in, in] matrices of the widest input at once:
-        # XᵀX, its damped fp32 copy, the permuted copy, the inverse Cholesky factor, and the error report's
-        # fp64 products. Measured on a Llama-3-8B block (down_proj, in = 14336): 14.3 GiB peak.
-        widest = max(s.linear_inputs, default=0)
-        solve = SOLVE_COPIES * widest * widest * 8 if "xtx" in (method.statistics + method.dense_statistics) else 0
-        peaks.append(StagePeak("compress", int(s.block_params * b * factor) + stats + solve + acts,
-                               f"one block ×{factor:g} working copies, its XᵀX statistics"
-                               + (" and the solver's copies" if solve else "") + ", the hidden states"))
+        peaks.append(compress_peak(s, method, job.compute, acts))
     # Layer removal, QUAD's rewrite and the training methods (TRSP, BackSlash, QUAD's PEFT) hold the whole
     # model in fp32, some of it several times over: they are not streamed, so the plan counts them whole.
     from .methods import get_method

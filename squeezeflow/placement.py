@@ -16,7 +16,6 @@ otherwise; on a CPU job the activations are in host memory anyway, so there is n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 HEADROOM = 0.9  # of the device's free memory: the allocator's fragmentation, cuBLAS workspaces
 
@@ -56,13 +55,8 @@ def solve_peak_bytes(model_path, config, compute, method) -> int:
     """memory_plan's compress-stage peak of one block without the activations and the host's fixed overhead:
     what the device holds beside the activations while a block is compressed."""
     from . import memory_plan
-    from .config import EvalSpec
 
-    # stage_peaks reads a job; this one has no calibration windows, so its compress peak leaves them out.
-    job = SimpleNamespace(compute=compute, weight_method=method, evaluation=EvalSpec(),
-                          calibration=SimpleNamespace(n_samples=0, seqlen=0))
-    peaks = {p.stage: p.bytes for p in memory_plan.stage_peaks(memory_plan.shapes(model_path, config), job)}
-    return max(0, peaks.get("compress", memory_plan.FIXED_OVERHEAD) - memory_plan.FIXED_OVERHEAD)
+    return memory_plan.compress_peak(memory_plan.shapes(model_path, config), method, compute).bytes
 
 
 def free_bytes(device) -> int | None:
