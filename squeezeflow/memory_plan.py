@@ -112,7 +112,7 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
         peaks.append(compress_peak(s, method, job.compute, acts))
     # Layer removal, QUAD's rewrite and the training methods (TRSP, BackSlash, QUAD's PEFT) hold the whole
     # model in fp32, some of it several times over: they are not streamed, so the plan counts them whole.
-    from .methods import get_method
+    from .methods import TunesPacked, get_method
 
     for i, name in enumerate(job.recipe.methods[:job.structural]):
         copies = float(get_method(name).whole_model_fp32_copies)
@@ -120,7 +120,8 @@ def stage_peaks(s: Shapes, job) -> list[StagePeak]:
                                f"the whole model in fp32 ×{copies:g} ({name.method})"))
     for flag, stage in ((job.transforms, "transform"), (job.tunes, "tune")):
         if flag:
-            copies = float(method.whole_model_fp32_copies) if stage == "transform" else 4.0
+            # QUAD both transforms and tunes: its attribute is the transform's; tuning is TunesPacked's count.
+            copies = float(TunesPacked.whole_model_fp32_copies if stage == "tune" else method.whole_model_fp32_copies)
             peaks.append(StagePeak(stage, int(s.total_params * 4 * copies) + acts,
                                    f"the whole model in fp32 ×{copies:g} ({stage})"))
     # Evaluation streams (evaluation/streamed.py): a block and its dequantized copy, the head (whole up to
