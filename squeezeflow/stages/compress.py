@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -63,50 +64,51 @@ def compress_block(store: ArtifactStore, model: ModelInfo, block: int, recipe: R
     on the job's device and in its dtype (compute.py)."""
     stream = _stream(model)
     block_stats = {name: _on(store.get_tensors(s.blocks[block]), stream.device) for name, s in stats.items()}
-    ref, _ = compress_weights(store, get_method(recipe.methods[0]), block, stream.block_state(block),
-                              list(decoder_linears(stream.inner.layers[block])), block_stats, keep_dequantized=False)
-    return ref
+    return compress_weights(store, get_method(recipe.methods[0]), block, stream.block_state(block),
+                            list(decoder_linears(stream.inner.layers[block])), block_stats)
 
 
 def compress_weights(store: ArtifactStore, method, block: int, weights: dict[str, torch.Tensor],
                      linears: list[str], block_stats: dict[str, dict[str, torch.Tensor]],
-                     keep_dequantized: bool = True) -> tuple[Ref, dict]:
-    """Compress the named linears of one block; returns the stored block and {linear: weight it computes}
-    (empty without `keep_dequantized`: a per-block task needs them only for the error report, one at a time)."""
+                     on_dequantized: Callable[[str, torch.Tensor], None] | None = None) -> Ref:
+    """Compress the named linears of one block, one at a time, and store the block. `on_dequantized(linear,
+    weight it computes)` is called after each linear's error report (the sequential schedule puts it in the
+    block); each linear's entries of `block_stats` are dropped once it is done, so the largest thing alive
+    beside a linear's own work is its own statistics, not the whole block's."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
-    w_hats: dict[str, torch.Tensor] = {}
+    meta = {}
+    fallback = moe.fallbacks(block_stats)  # MoE experts whose statistics came from moe.py's dense fallback
+    if fallback:
+        meta["moe_fallback"] = json.dumps(fallback, sort_keys=True)
     for name in linears:
         w = weights[f"{name}.weight"]
-        lin_stats = linear_stats(block_stats, name)
+        lin_stats = linear_stats(block_stats, name, drop=True)
         c = method.compress_linear(f"model.layers.{block}.{name}", w, lin_stats)
         w_hat = method.dequantize(c)
         layers[name] = {"format": c.format, "params": c.params, **c.metrics,
                         **reconstruction_errors(w, w_hat, lin_stats.get("hdiag"), lin_stats.get("xtx"))}
-        if keep_dequantized:
-            w_hats[name] = w_hat
+        del lin_stats
+        if on_dequantized is not None:
+            on_dequantized(name, w_hat)
         del w_hat
         for field, t in c.tensors.items():
             tensors[f"{name}.{field}"] = t.cpu()  # the store writes host memory (a no-op on CPU)
         if f"{name}.bias" in weights:
             tensors[f"{name}.bias"] = weights[f"{name}.bias"]
-    meta = {"layers": json.dumps(layers, sort_keys=True)}
-    fallback = moe.fallbacks(block_stats)  # MoE experts whose statistics came from moe.py's dense fallback
-    if fallback:
-        meta["moe_fallback"] = json.dumps(fallback, sort_keys=True)
-    return store.put_tensors(tensors, kind="compressed-block", metadata=meta), w_hats
+    meta["layers"] = json.dumps(layers, sort_keys=True)
+    return store.put_tensors(tensors, kind="compressed-block", metadata=dict(sorted(meta.items())))
 
 
-def linear_stats(block_stats: dict[str, dict[str, torch.Tensor]], linear: str) -> dict[str, torch.Tensor]:
+def linear_stats(block_stats: dict[str, dict[str, torch.Tensor]], linear: str,
+                 drop: bool = False) -> dict[str, torch.Tensor]:
     """One linear's statistics: {statistic: tensor} for collectors keyed by linear name (hdiag, xtx), and
-    {statistic.field: tensor} for those with several fields per linear (gradients: abs_sum, sq_sum)."""
+    {statistic.field: tensor} for those with several fields per linear (gradients: abs_sum, sq_sum);
+    `drop` removes them from `block_stats`."""
     out = {}
     for stat, tensors in block_stats.items():
-        for key, t in tensors.items():
-            if key == linear:
-                out[stat] = t
-            elif key.startswith(linear + "."):
-                out[f"{stat}.{key[len(linear) + 1:]}"] = t
+        for key in [k for k in tensors if k == linear or k.startswith(linear + ".")]:
+            out[stat if key == linear else f"{stat}.{key[len(linear) + 1:]}"] = tensors.pop(key) if drop else tensors[key]
     return out
 
 
@@ -145,9 +147,10 @@ def compress_sequential(store: ArtifactStore, model: ModelInfo, recipe: Recipe, 
             # Dense-model statistics first; the ones collected here, through compressed blocks, win.
             block_stats = {name: _on(store.get_tensors(s.blocks[i]), stream.device) for name, s in stats.items()}
             block_stats.update({c.name: c.result() for c in collectors})
-            weights = {k: v.detach().clone() for k, v in layer.state_dict().items()}
-            ref, w_hats = compress_weights(store, method, i, weights, list(linears), block_stats)
-            split.set_weights(layers, w_hats)
+            del collectors   # their fp64 sums are spent (result() consumed them)
+            # Each linear's weight is read once, then replaced by what it computes: no copy of the block.
+            ref = compress_weights(store, method, i, layer.state_dict(), list(linears), block_stats,
+                                   on_dequantized=lambda name, w_hat: split.set_weight(layers, name, w_hat))
             split.forward(layers)
         blocks.append(ref)
         progress.report("compress", len(blocks), stream.num_layers)
@@ -227,9 +230,17 @@ def reconstruction_errors(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor 
     w = w.double()
     out = {"weight_rel_err": float(squared_error / (w * w).sum())}
     if xtx is not None:
-        H = xtx.double()
-        out["output_rel_err"] = float(((d @ H) * d).sum() / ((w @ H) * w).sum())
+        out["output_rel_err"] = float(_quadratic_form(d, xtx) / _quadratic_form(w, xtx))
     elif h is not None:
         hd = h.double()
         out["output_rel_err"] = float((d * d * hd).sum() / (w * w * hd).sum())
     return out
+
+
+def _quadratic_form(a: torch.Tensor, H: torch.Tensor, columns: int = 1024) -> torch.Tensor:
+    """tr(a H aᵀ) = Σ (a @ H) ⊙ a for fp64 a [out, in] and H [in, in] of any float dtype: the product in fp64
+    with H converted a slab of columns at a time, never whole (an fp64 copy of an 8B down_proj's H is 1.6 GiB)."""
+    product = torch.empty_like(a)
+    for c in range(0, H.shape[1], columns):
+        product[:, c:c + columns] = a @ H[:, c:c + columns].to(a.device, torch.float64)
+    return product.mul_(a).sum()

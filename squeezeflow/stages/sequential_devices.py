@@ -155,7 +155,7 @@ class Split:
             p.hidden = out
 
     @staticmethod
-    def set_weights(layers: list[torch.nn.Module], w_hats: dict[str, torch.Tensor]) -> None:
+    def set_weight(layers: list[torch.nn.Module], linear: str, w_hat: torch.Tensor) -> None:
+        """The compressed weight of one linear into the block on every device."""
         for layer in layers:
-            for name, lin in decoder_linears(layer).items():
-                lin.weight.copy_(w_hats[name])
+            decoder_linears(layer)[linear].weight.copy_(w_hat)

@@ -87,7 +87,13 @@ class XtX:
         self._count[name] += x.shape[0]
 
     def result(self) -> dict[str, torch.Tensor]:
-        means = {leader: (s / self._count[leader]).float().cpu() for leader, s in self._sums.items()}
+        """The means (fp32, host), once: the sums are consumed, so the fp64 [d, d] accumulators (an 8B
+        down_proj's is 1.6 GiB) are gone before the solver's copies of the same size arrive."""
+        means = {}
+        while self._sums:
+            leader, s = self._sums.popitem()
+            means[leader] = s.div_(self._count[leader]).float().cpu()   # in place: the values of `s / count`
+            del s
         return {**{name: means[leader] if name == leader else means[leader].clone()
                    for name, leader in sorted(self._leader.items())}, **self._routed}
 

@@ -210,3 +210,62 @@ def test_damping_retry_and_bad_inputs(layer):
         gptq_quantize(W, H, 9, 64)
     with pytest.raises(RuntimeError, match="NaN"):
         gptq_quantize(W, H * float("nan"), 3, 64)
+
+
+def _reference_inverse_cholesky(H: torch.Tensor, order, dead, damp: float) -> torch.Tensor:
+    """The factorization by torch's copying calls on an fp64 copy: what the in-place one must equal bit for bit."""
+    H = H.double().clone()
+    H[dead, dead] = 1.0
+    if order is not None:
+        H = H[order][:, order]
+    A = H + damp * H.diagonal().mean() * torch.eye(H.shape[0], dtype=torch.float64)
+    L = torch.linalg.cholesky(A)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_in_place_inverse_cholesky_gives_the_copying_calls_bytes(layer, act_order):
+    from squeezeflow.methods.intq.gptq_core import _dead_and_order, _hessian64, _inverse_cholesky
+
+    _, H = layer
+    H = H.clone()
+    H[:, [3, 70]] = H[[3, 70], :] = 0.0                                   # two dead inputs
+    H += torch.triu(torch.full_like(H, 1e-3), diagonal=1)   # not symmetric: only the lower triangle may count
+    dead, order = _dead_and_order(H, act_order)
+    assert dead.nonzero().flatten().tolist() == [3, 70]
+    assert (order is not None) == act_order
+    U, damp = _inverse_cholesky(lambda: _hessian64(H, H.device, order, dead), 0.01)
+    assert damp == 0.01 and U.dtype == torch.float32 and U.stride() == (1, IN)   # column-major, as before
+    assert torch.equal(U, _reference_inverse_cholesky(H, order, dead, 0.01))   # reads the permuted lower triangle
+
+
+def test_a_damping_retry_starts_from_the_undamped_hessian(layer):
+    """The in-place factorization destroys its input: a retry must build a fresh H and add only its own damping."""
+    from squeezeflow.methods.intq.gptq_core import _dead_and_order, _hessian64, _inverse_cholesky
+
+    _, H = layer
+    Hn = H / TOKENS
+    vals, vecs = torch.linalg.eigh(Hn)
+    vals[0] = -0.05 * Hn.diagonal().mean()
+    Hi = vecs @ torch.diag(vals) @ vecs.T
+    Hi = torch.tril(Hi) + torch.tril(Hi, -1).mT
+    dead, order = _dead_and_order(Hi, False)
+    builds = []
+    U, damp = _inverse_cholesky(lambda: builds.append(1) or _hessian64(Hi, Hi.device, order, dead), 0.01)
+    assert damp == pytest.approx(0.1) and len(builds) == 2
+    assert torch.equal(U, _reference_inverse_cholesky(Hi, None, dead, 0.1))
+
+
+def test_narrowing_in_place_rounds_as_float_does(monkeypatch):
+    """fp64 -> fp32 inside the fp64 matrix's own storage, in many small slabs (the first ones overlap what they
+    read): the values and strides of `.float()`, including overflow to inf and subnormals."""
+    from squeezeflow.methods.intq import gptq_core
+
+    monkeypatch.setattr(gptq_core, "_NARROW_SLAB", 1000)
+    A = torch.randn(300, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1e3
+    A[0, :3] = torch.tensor([1e300, -1e-310, 1 + 2 ** -30], dtype=torch.float64)
+    A = A.mT   # column-major, as the factorization leaves it
+    expected = A.float()
+    narrowed = gptq_core._narrow_in_place(A)
+    assert narrowed.untyped_storage().data_ptr() == A.untyped_storage().data_ptr()
+    assert narrowed.stride() == expected.stride() and torch.equal(narrowed, expected)

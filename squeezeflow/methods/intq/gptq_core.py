@@ -42,8 +42,8 @@ the grid, e.g. RF8 or FP8 e4m3 against a per-row exponent or scale fixed from th
 (methods/gg/float8.py). The quantizer must be fixed up front: nothing is fitted inside the loop.
 
 Numerics: damping `damp · mean(diag H)` is added to the diagonal (multiplied by 10, up to 4 times,
-while the Cholesky factorization fails; damp=0 retries from 1e-4). The factorization runs in fp64,
-the column loop in fp32.
+while the Cholesky factorization fails; damp=0 retries from 1e-4). The factorization runs in fp64, in
+place (one [in, in] fp64 matrix), the column loop in fp32.
 stats["proxy_loss"] is Σ_j Σ_rows (w_j - q_j)² / U_jj², which equals tr((W - Ŵ) H_d (W - Ŵ)ᵀ) for the
 damped Hessian H_d (in H's own units: sum or mean over tokens).
 """
@@ -60,6 +60,8 @@ from ...errors import BadInput
 
 _SHRINKS = [1.0 - 0.01 * k for k in range(21)]   # mse_clip candidates: 1.00 down to 0.80
 _DAMP_RETRIES = 4
+_SLAB = 1024   # rows of H copied at a time (the only temporaries beside the fp64 Hessian)
+_NARROW_SLAB = 1 << 22   # elements per step of the in-place fp64 -> fp32 narrowing (16 MiB of buffer)
 
 
 @dataclass
@@ -119,29 +121,79 @@ def _fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: 
     return (_codes(w, scale, zero, qmax) - zero) * scale   # the same arithmetic as rtn.dequantize_groupwise
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), raising damp ×10 on failure.
+def _inverse_cholesky(build: Callable[[], torch.Tensor], damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹ in fp32 with λ = damp · mean(diag H), raising damp ×10 on failure;
+    `build()` returns a fresh fp64 H, symmetric bit for bit (`_hessian64`), each try factoring its own.
 
-    In fp64, holding at most three [in, in] copies (an 8B down_proj's is 1.6 GiB): the damped matrix is built
-    in place, with the values of `H + λ·I` (off the diagonal x + 0.0, on it x + λ), and dropped once factored."""
-    mean_diag = H.double().diagonal().mean()
+    In fp64 and in place: one [in, in] fp64 matrix (an 8B down_proj's is 1.6 GiB), whose storage ends up
+    holding the fp32 result too (`_narrow_in_place`).
+    LAPACK works in column-major order, and a row-major matrix handed to torch.linalg is first copied; its
+    transposed view is column-major and, the matrix being symmetric, holds the same values, so the
+    factorization, the inverse and the second factorization overwrite it with the very results (bytes) the
+    copying calls give."""
     tried = []
     for _ in range(_DAMP_RETRIES + 1):
         tried.append(damp)
-        A = H.double().add_(0.0)
+        A = build().mT   # column-major, the same values
+        mean_diag = A.diagonal().mean()
+        A.add_(0.0)   # -0.0 off the diagonal becomes 0.0, as in `H + λ·I`
         A.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(A)
-        del A
+        info = torch.empty((), dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0:
-                return U.float(), damp
+                return _narrow_in_place(A), damp
+        del A
         damp = max(10 * damp, 1e-4)
     raise RuntimeError(f"GPTQ: the Hessian is not positive definite even with damping {tried[-1]:g} × "
                        f"mean(diag H) (tried {', '.join(f'{d:g}' for d in tried)})")
+
+
+def _narrow_in_place(A: torch.Tensor) -> torch.Tensor:
+    """A's values in fp32 (as `A.float()` rounds them, same strides) written into the first half of A's own
+    storage, which A then no longer owns: no second [in, in] allocation. Element k of the storage is read at
+    byte 8k and written at byte 4k, so a slab copied in ascending order through a small buffer never
+    overwrites a value not yet read."""
+    n = A.numel()
+    if A.storage_offset() or A.untyped_storage().nbytes() != 8 * n or not (A.is_contiguous() or A.mT.is_contiguous()):
+        return A.float()   # not a whole fp64 storage of its own: nothing to reuse
+    storage = A.untyped_storage()
+    src = torch.empty(0, dtype=A.dtype, device=A.device).set_(storage, A.storage_offset(), (n,), (1,))
+    dst = torch.empty(0, dtype=torch.float32, device=A.device).set_(storage, 0, (n,), (1,))
+    for k in range(0, n, _NARROW_SLAB):
+        dst[k:k + _NARROW_SLAB] = src[k:k + _NARROW_SLAB].float()
+    return dst.as_strided(A.shape, A.stride())
+
+
+def _hessian64(H: torch.Tensor, device: torch.device, order: torch.Tensor | None, dead: torch.Tensor) -> torch.Tensor:
+    """fp64 copy of H [in, in] on `device`, rows and columns in `order`, with H_jj = 1 at dead inputs (their
+    weights multiply nothing; the unit diagonal keeps H invertible without coupling them to other columns),
+    and its upper triangle mirrored from the lower one: the factorization reads the lower triangle, and a
+    sum XᵀX is not always symmetric to the last bit. Built a slab of rows at a time, so nothing but the result
+    is [in, in]."""
+    n = H.shape[0]
+    out = torch.empty(n, n, dtype=torch.float64, device=device)
+    for r in range(0, n, _SLAB):
+        rows = slice(r, min(r + _SLAB, n))
+        out[rows] = H[order[rows]][:, order] if order is not None else H[rows]
+    is_dead = (dead if order is None else dead[order]).to(device)
+    out[is_dead, is_dead] = 1.0
+    for r in range(0, n, _SLAB):   # upper triangle := transposed lower triangle, slab by slab
+        e = min(r + _SLAB, n)
+        out[r:e, e:] = out[e:, r:e].mT
+        block = out[r:e, r:e]
+        block.copy_(block.tril() + block.tril(-1).mT)
+    return out
+
+
+def _dead_and_order(H: torch.Tensor, act_order: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dead inputs: H_jj = 0, the input is always zero; the processing order, largest diag(H) first with
+    dead inputs counted as 1, or None). Read from the diagonal alone, so no [in, in] copy is made here."""
+    diag = H.diagonal().double()
+    dead = diag == 0
+    return dead, (_act_order(torch.where(dead, 1.0, diag)) if act_order else None)
 
 
 def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
@@ -152,18 +204,9 @@ def _check_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
         raise RuntimeError("GPTQ: the weight or the Hessian holds NaN or inf (overflowing statistics?)")
 
 
-def _dead_inputs(H: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp64 copy of H with H_jj = 1 where the input is always zero, that dead mask). Their weights
-    multiply nothing; the unit diagonal keeps H invertible without coupling them to other columns."""
-    H = H.to(device, torch.float64).clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
-    return H, dead
-
-
-def _act_order(H: torch.Tensor) -> torch.Tensor:
+def _act_order(diag: torch.Tensor) -> torch.Tensor:
     """Largest diag(H) first: the most sensitive inputs are quantized before errors pile up."""
-    return torch.argsort(H.diagonal(), descending=True, stable=True)
+    return torch.argsort(diag, descending=True, stable=True)
 
 
 def _compensated_columns(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
@@ -171,23 +214,24 @@ def _compensated_columns(W: torch.Tensor, Hinv: torch.Tensor, block_size: int,
     """GPTQ's lazy-batch column loop over W [out, n] (processing order; updated in place) with Hinv the
     upper Cholesky factor of H⁻¹. `quantize(W1, i, j)` returns the value column j (= i-th of the current
     block) ends with, given the block's current weights W1 [out, block] (so a grid can be fitted on the
-    columns ahead of it). Returns (those values [out, n], Σ_j err_j² per row: the proxy loss)."""
+    columns ahead of it). Returns (those values [out, n], Σ_j err_j² per row: the proxy loss); the values
+    are written over W, a block at a time once its columns are no longer read (no second [out, n] matrix)."""
     out_f, n = W.shape
-    Q = torch.empty_like(W)
     losses = torch.zeros(out_f, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
+        Err1, Q1 = torch.empty_like(W1), torch.empty_like(W1)
         for i in range(i2 - i1):
             q = quantize(W1, i, i1 + i)
-            Q[:, i1 + i] = q
+            Q1[:, i] = q
             err = (W1[:, i] - q) / Hinv1[i, i]
             losses += err.pow(2)
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)   # the block's errors, onto the columns after it
-    return Q, losses
+        W[:, i1:i2] = Q1
+    return W, losses
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None, damp: float = 0.01,
@@ -207,10 +251,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
     _check_inputs(W, H)
     qmax = 2 ** bits - 1
     dev = W.device
+    dead, perm = _dead_and_order(H, act_order)
+    # First, while nothing else of this call is alive: the fp64 Hessian is its largest temporary.
+    Hinv, damp_used = _inverse_cholesky(lambda: _hessian64(H, dev, perm, dead), damp)
+    dead = dead.to(dev)
     W_orig = W.float()
     keep = torch.zeros(out_f, in_f, dtype=torch.bool, device=dev) if keep is None else keep.to(dev, torch.bool)
-
-    H, dead = _dead_inputs(H, dev)
     W = W_orig.clone()
     W[:, dead] = torch.where(keep[:, dead], W[:, dead], 0.0)   # kept values stay exact even there
 
@@ -225,17 +271,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
         scales = torch.empty(out_f, n_groups, device=dev)
         zeros = torch.empty(out_f, n_groups, device=dev)
 
-    perm = None
-    if act_order:
-        perm = _act_order(H)
-        W, H, keep_p, W_ref = W[:, perm], H[perm][:, perm], keep[:, perm], W_orig[:, perm]
+    if perm is not None:
+        perm = perm.to(dev)
+        W, keep_p, W_ref = W[:, perm], keep[:, perm], W_orig[:, perm]
         group_of = (perm // g).tolist()
     else:
         keep_p, W_ref = keep, W_orig
         group_of = [j // g for j in range(in_f)]
-    Hinv, damp_used = _inverse_cholesky(H, damp)
 
-    codes = torch.empty(out_f, in_f, device=dev)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=dev)   # the grid's integers, held exactly
 
     def quantize(W1: torch.Tensor, i: int, j: int) -> torch.Tensor:
         if not static and j % g == 0:
@@ -254,7 +298,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int |
         inv = torch.argsort(perm)
         codes, Q = codes[:, inv], Q[:, inv]
     stats = {"seconds": time.perf_counter() - t0, "damp": damp_used, "proxy_loss": float(losses.sum())}
-    return GPTQResult(codes.to(torch.uint8), scales.half(), zeros.half(), Q, perm, stats)
+    return GPTQResult(codes, scales.half(), zeros.half(), Q, perm, stats)
 
 
 def gptq_elementwise(W: torch.Tensor, H: torch.Tensor,
@@ -267,11 +311,11 @@ def gptq_elementwise(W: torch.Tensor, H: torch.Tensor,
     first. Returns (Ŵ fp32 [out, in] in the original column order, stats: seconds, damp, proxy_loss)."""
     t0 = time.perf_counter()
     _check_inputs(W, H)
-    H, dead = _dead_inputs(H, W.device)
+    dead, perm = _dead_and_order(H, act_order)
+    Hinv, damp_used = _inverse_cholesky(lambda: _hessian64(H, W.device, perm, dead), damp)
     W = W.float().clone()
-    W[:, dead] = 0.0
-    order = _act_order(H) if act_order else torch.arange(W.shape[1], device=W.device)
-    Hinv, damp_used = _inverse_cholesky(H[order][:, order], damp)
+    W[:, dead.to(W.device)] = 0.0
+    order = torch.arange(W.shape[1], device=W.device) if perm is None else perm.to(W.device)
     index = order.tolist()
     Q, losses = _compensated_columns(W[:, order], Hinv, block_size,
                                      lambda W1, i, j: quantize_column(W1[:, i], index[j]))
