@@ -96,3 +96,20 @@ def deploy_all(pool: str = DEFAULT_POOL, cron: str | None = None,
     schedules = {COMPRESS.name: cron, SWEEP.name: None, RECALIBRATE.name: nightly_cron}
     return {spec.name: {"id": deploy(spec, pool, cron=schedules[spec.name]), "schedule": schedules[spec.name]}
             for spec in ALL}
+
+
+def start_run(deployment: str, parameters: dict, job_variables: dict) -> dict:
+    """A run of `deployment` ("flow/deployment") on the configured Prefect server, not waited for (what
+    `squeezeflow submit` does once the plan has sized the pod); BadInput when no such deployment exists."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from squeezeflow.errors import BadInput
+    from squeezeflow.services import ensure_prefect
+
+    api = ensure_prefect()
+    try:
+        run = run_deployment(deployment, parameters=parameters, job_variables=job_variables, timeout=0)
+    except ObjectNotFound:
+        raise BadInput(f"no deployment {deployment!r} on the Prefect server at {api}") from None
+    return {"id": str(run.id), "name": run.name, "api_url": api}

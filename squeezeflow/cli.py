@@ -364,8 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.set_defaults(fn=cmd_compress)
 
     from .cli_plan import add_parser as add_plan_parser
+    from .cli_submit import add_parser as add_submit_parser
 
     add_plan_parser(sub, _run_flags)
+    add_submit_parser(sub, _run_flags)
 
     from .cli_eval import add_eval_flags, cmd_eval
     from .cli_recipes import add_parser as add_recipes_parser

@@ -143,13 +143,14 @@ def preflight(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpe
     the recipe's fit to it, the sources, and whether its stages fit in memory (memory_plan.py)."""
     from . import memory_plan
 
-    job = _job(model, recipe, calibration, evaluation, compute, max_shard_size)
+    job = validate(model, recipe, calibration, evaluation, compute, max_shard_size)
     memory_plan.check(job, load_config(Path(job.model.path), job.model.trust_remote_code))
     return job
 
 
-def _job(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec,
-         compute: ComputeSpec | None, max_shard_size: int | str | None) -> Job:
+def validate(model: ModelRef, recipe: str | Recipe, calibration: CalibrationSpec, evaluation: EvalSpec,
+             compute: ComputeSpec | None, max_shard_size: int | str | None = None) -> Job:
+    """The preflight's checks but the memory plan's: for a job planned for another machine (pod_plan.py)."""
     from .calibration import check_activation_memory, load_text
     from .compute import carried, resolve
     from .malloc import release_freed_memory

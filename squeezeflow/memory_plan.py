@@ -29,7 +29,7 @@ from .memory import COMPUTE_BYTES, DEFAULT_FACTOR, DTYPE_BYTES, LIMIT_ENV, safet
 # rounded up: what does not grow with the model.
 FIXED_OVERHEAD = 1536 << 20
 HEADROOM = 0.9
-SOLVE_COPIES = 6  # fp64-sized [in, in] matrices a GPTQ-style solve holds at its peak (see stage_peaks)
+SOLVE_COPIES = 1  # fp64 [in, in] matrices a GPTQ-style solve holds beside the fp32 means (see compress_peak)
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,16 @@ def compress_peak(s: Shapes, method, compute, acts: int = 0) -> StagePeak:
     b = COMPUTE_BYTES[compute.dtype]
     stats_b = 8 if compute.stats_dtype == "fp64" else 4
     factor = float(getattr(method, "memory_factor", DEFAULT_FACTOR))
-    stats = sum(i * i for i in s.linear_inputs) * stats_b if method.statistics or method.dense_statistics else 0
-    # A method that solves against XᵀX (GPTQ) holds several [in, in] matrices of the widest input at once:
-    # XᵀX, its damped fp32 copy, the permuted copy, the inverse Cholesky factor, and the error report's
-    # fp64 products. Measured on a Llama-3-8B block (down_proj, in = 14336): 14.3 GiB peak.
+    squares = sum(i * i for i in s.linear_inputs)
+    stats = squares * stats_b if method.statistics or method.dense_statistics else 0
+    # A method that solves against XᵀX (GPTQ): the sums become fp32 means (xtx.result consumes them), then
+    # each linear in turn holds one fp64 [in, in] matrix beside its mean (gptq_core factors it in place).
     widest = max(s.linear_inputs, default=0)
-    solve = SOLVE_COPIES * widest * widest * 8 if "xtx" in (method.statistics + method.dense_statistics) else 0
-    return StagePeak("compress", int(s.block_params * b * factor) + stats + solve + acts,
+    solve = 0
+    if "xtx" in (method.statistics + method.dense_statistics):
+        solve = SOLVE_COPIES * widest * widest * 8
+        stats = max(stats, squares * 4 + solve)
+    return StagePeak("compress", int(s.block_params * b * factor) + stats + acts,
                      f"one block ×{factor:g} working copies, its XᵀX statistics"
                      + (" and the solver's copies" if solve else "") + ", the hidden states")
 

@@ -297,3 +297,55 @@ def _lost(original, back, path: str = "") -> list[str]:
 @pytest.mark.parametrize("obj", manifests(), ids=lambda d: f"{d['kind']}-{d['metadata']['name']}")
 def test_manifest_matches_the_kubernetes_schema(obj):
     _roundtrip(obj)
+
+
+# --- pods sized by the memory plan (pod_plan.py, `squeezeflow submit`) --------------------------------------
+
+def _job(model, recipe="gptq-w4g32", dtype="fp32"):
+    from squeezeflow.config import CalibrationSpec, ComputeSpec, EvalSpec, ModelRef
+    from squeezeflow.job import validate
+
+    return validate(ModelRef(ref=str(model)), recipe, CalibrationSpec(n_samples=8, seqlen=64),
+                    EvalSpec(seqlen=64, max_windows=2), ComputeSpec(device="cpu", dtype=dtype))
+
+
+def test_pod_variables_follow_the_plan_and_render_into_the_job(tiny_model):
+    import math
+
+    from squeezeflow import memory_plan, pod_plan
+    from squeezeflow.models import load_config
+
+    job, config = _job(tiny_model), load_config(tiny_model)
+    s = memory_plan.shapes(tiny_model, config)
+    one, two = pod_plan.job_variables(job, config, 1), pod_plan.job_variables(job, config, 2)
+    gib = lambda v: int(v.removesuffix("Gi"))   # noqa: E731
+    # The host share of a GPU job (planned on a machine without one), over the pod's preflight headroom.
+    gpu_job = job.model_copy(update={"model": job.model.model_copy(update={"compute": job.compute.model_copy(
+        update={"device": "cuda:0"})})})
+    host = memory_plan.host_beside_device(s, gpu_job)
+    assert gib(one["memory_request"]) == math.ceil(host / memory_plan.HEADROOM / 2**30)
+    assert one["memory_request"] == one["memory_limit"] and one["gpu_count"] == 1 and "node_selector" not in one
+    assert two["gpu_count"] == 2 and gib(two["memory_request"]) >= gib(one["memory_request"])
+    cpu = pod_plan.job_variables(job, config, 0)
+    cpu_peak = max(p.bytes for p in memory_plan.stage_peaks(s, job))
+    assert cpu["memory_request"] == f"{math.ceil(cpu_peak / memory_plan.HEADROOM / 2**30)}Gi"
+    assert cpu["node_selector"] == {} and cpu["tolerations"] == []
+
+    manifest = render(two)
+    resources = container(manifest)["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 2
+    assert resources["requests"]["memory"] == resources["limits"]["memory"] == two["memory_request"]
+    assert manifest["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    cpu_pod = render(cpu)["spec"]["template"]["spec"]
+    assert not cpu_pod.get("nodeSelector") and not cpu_pod.get("tolerations")
+
+
+def test_a_job_no_gpu_can_hold_is_refused_with_its_numbers(tiny_model):
+    from squeezeflow import pod_plan
+    from squeezeflow.errors import BadInput
+    from squeezeflow.models import load_config
+
+    with pytest.raises(BadInput, match=r"GiB of GPU memory at the \w+ stage .* over a 0\.0 GiB GPU"):
+        pod_plan.job_variables(_job(tiny_model), load_config(tiny_model), 1, gpu_bytes=1 << 20)
+    with pytest.raises(BadInput, match="--gpus"):
+        pod_plan.job_variables(_job(tiny_model), load_config(tiny_model), -1)

@@ -39,7 +39,7 @@ def test_kernels_know_no_method_and_the_library_imports_no_prefect():
         if name.startswith("squeezeflow.kernels"):
             assert not [d for d in deps if d.startswith(("squeezeflow.methods", "squeezeflow.stages", "squeezeflow.dag"))], name
         library = not name.startswith(("squeezeflow.flows", "squeezeflow.tasks")) and name not in (
-            "squeezeflow.cli", "squeezeflow.deploy", "squeezeflow.services", "squeezeflow.runners",
+            "squeezeflow.cli", "squeezeflow.cli_submit", "squeezeflow.deploy", "squeezeflow.services", "squeezeflow.runners",
             "squeezeflow.dask_nanny", "squeezeflow.signing", "squeezeflow.progress")
         if name.startswith("squeezeflow.") and library and not name.startswith("squeezeflow.kernels"):
             assert not [d for d in deps if d.split(".")[0] in ("prefect", "prefect_dask")
