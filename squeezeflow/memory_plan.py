@@ -7,7 +7,8 @@ What each stage holds at its peak (b = bytes per element of the compute dtype):
 - calibrate: the calibration tokens' embedding rows (b), the windows' hidden states, inputs and outputs of
   a block (fp32), and the LM head for gradient statistics.
 - compress (per block): `memory.block_peak_bytes` per block in flight (one at the least), the block's
-  statistics (XᵀX per distinct linear input, in the statistics dtype) and the hidden states.
+  statistics (XᵀX per distinct linear input, in the statistics dtype; while GPTQ solves, their fp32 means
+  and one fp64 [in, in] of the widest input) and the hidden states.
 - evaluate (streamed): one block and its dequantized copy, the head (a slice of it when large), every
   window's hidden state and 128 positions' logits; twice over with KL (the base model streams beside it). The cloze tasks load
   the packed model whole (its parameters and its dequantized linears in b).
