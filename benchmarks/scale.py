@@ -185,7 +185,7 @@ def gpu_projection(model: Path, args) -> dict:
     job = pipeline.preflight(ModelRef(ref=str(model)), args.recipe, CalibrationSpec(n_samples=args.calib, seqlen=args.seqlen),
                              EvalSpec(seqlen=args.seqlen, max_windows=args.eval_windows, kl_windows=args.kl_windows),
                              ComputeSpec(device="cpu", dtype="bf16"))
-    gpu = job.model_copy(update={"model": job.model.model_copy(update={"compute": ComputeSpec(device="cuda:0", dtype="bf16")})})
+    gpu = job.on(ComputeSpec(device="cuda:0", dtype="bf16"))
     s = memory_plan.shapes(model, load_config(model))
     top = max(memory_plan.stage_peaks(s, gpu), key=lambda p: p.bytes)
     return {"device_peak_bytes": top.bytes - memory_plan.FIXED_OVERHEAD, "device_stage": top.stage,

@@ -90,6 +90,10 @@ class Job(BaseModel):
 
         return stage_compute(self.model)
 
+    def on(self, compute: ComputeSpec) -> "Job":
+        """The same job planned with another compute setting (a GPU pod's, from a machine without one)."""
+        return self.model_copy(update={"model": self.model.model_copy(update={"compute": compute})})
+
     @property
     def weight_recipe(self) -> Recipe | None:
         """The recipe's weight method alone (what compress, pack and tune run), or None for removal only."""

@@ -35,7 +35,7 @@ def job_variables(job, config, gpus: int, gpu_bytes: int = DEFAULT_GPU_MEMORY) -
     if gpus < 0:
         raise BadInput(f"--gpus must be 0 or more, got {gpus}")
     compute = ComputeSpec(device=device_for(gpus), dtype=job.compute.dtype, stats_dtype=job.compute.stats_dtype)
-    pod_job = job.model_copy(update={"model": job.model.model_copy(update={"compute": compute})})
+    pod_job = job.on(compute)
     s = memory_plan.shapes(Path(job.model.path), config)
     top = max(memory_plan.stage_peaks(s, pod_job), key=lambda p: p.bytes)
     if gpus == 0:

@@ -320,8 +320,7 @@ def test_pod_variables_follow_the_plan_and_render_into_the_job(tiny_model):
     one, two = pod_plan.job_variables(job, config, 1), pod_plan.job_variables(job, config, 2)
     gib = lambda v: int(v.removesuffix("Gi"))   # noqa: E731
     # The host share of a GPU job (planned on a machine without one), over the pod's preflight headroom.
-    gpu_job = job.model_copy(update={"model": job.model.model_copy(update={"compute": job.compute.model_copy(
-        update={"device": "cuda:0"})})})
+    gpu_job = job.on(job.compute.model_copy(update={"device": "cuda:0"}))
     host = memory_plan.host_beside_device(s, gpu_job)
     assert gib(one["memory_request"]) == math.ceil(host / memory_plan.HEADROOM / 2**30)
     assert one["memory_request"] == one["memory_limit"] and one["gpu_count"] == 1 and "node_selector" not in one

@@ -68,7 +68,7 @@ def test_a_gpu_job_is_planned_on_the_device_and_the_host(tiny_model, monkeypatch
     """On a GPU the working sets are checked against the device's memory (without the host's fixed
     overhead) and the host's share (a block, its statistics, the hidden states) against the host limit."""
     job = pipeline.preflight(ModelRef(ref=str(tiny_model)), "gptq-w4g32", CALIB, EVAL)
-    gpu = job.model_copy(update={"model": job.model.model_copy(update={"compute": ComputeSpec(device="cuda:0", dtype="bf16")})})
+    gpu = job.on(ComputeSpec(device="cuda:0", dtype="bf16"))
     config = load_config(tiny_model)
     monkeypatch.setattr(memory_plan, "device_limit", lambda device: (80 << 30, f"{device}'s memory"))
     monkeypatch.setenv(memory_plan.LIMIT_ENV, "64GiB")
